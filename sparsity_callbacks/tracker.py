@@ -1,0 +1,548 @@
+"""`SparsityTracker`: the framework-free engine. Snapshot, measure, keep the ever-changed mask."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsity_callbacks.config import SparsityConfig
+from sparsity_callbacks.masks import Mask
+from sparsity_callbacks.params import _collect_parameters, _is_sharded, _tensor_signature, _TrackedTensor
+from sparsity_callbacks.reference import (
+    _available_host_bytes,
+    _chunks,
+    _FINGERPRINT_DTYPES,
+    _fingerprint,
+    _flat_chunk,
+    _KernelRunner,
+    _miss_probability,
+    _new_host_buffer,
+    _pack_planar,
+    _padded,
+    _planar_to_bool,
+)
+from sparsity_callbacks.report import Measurement, TensorCounts
+
+_log = logging.getLogger("sparsity_callbacks")
+
+_STATE_FORMAT = "sparsity_callbacks.tracker_state"
+_STATE_VERSION = 1
+_COMPILE_AUTO_NUMEL = 10_000_000
+_MAX_HISTORY = 4096
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _popcount(packed: torch.Tensor) -> torch.Tensor:
+    return _POPCOUNT.to(packed.device)[packed.long()].sum()
+
+
+@dataclass
+class _TensorState:
+    """Per tracked tensor: reference (host values or device fingerprints), previous fingerprint,
+    planar-packed ever-changed bits. All flat, padded to a multiple of 8."""
+
+    numel: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # compare dtype
+    reference: torch.Tensor
+    previous: torch.Tensor | None
+    ever: torch.Tensor
+    signature: str
+
+
+class SparsityTracker:
+    """Measure which elements of a model's trainable parameters changed since a snapshot.
+
+    Example::
+
+        tracker = SparsityTracker(model, SparsityConfig(mode="fingerprint"))
+        tracker.snapshot()                      # before the first optimizer step
+        for step in range(1, 101):
+            train_step()
+            if step % 10 == 0:
+                m = tracker.measure(step)
+                print(m.changed_fraction, m.ever_changed_fraction)
+        tracker.ever_changed_mask().save("mask.safetensors")
+
+    Tracks trainable floating-point parameters (tied ones once); skipped ones are in `skipped`.
+    Memory: ``exact`` holds 1x the tracked bytes in ``compare_dtype`` on the host (pinned with CUDA);
+    ``fingerprint`` holds ``fingerprint_bits / 8`` bytes per element on the parameter's device. Both
+    add 1 bit per element (ever-changed) and, with ``track_churn``, ``fingerprint_bits / 8`` bytes
+    per element on the device. One measurement needs at most about ``chunk_numel * (2 * itemsize + 3)``
+    bytes of extra device memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: SparsityConfig | None = None, **overrides: Any) -> None:
+        self.model = model
+        self.config = (config or SparsityConfig()).replace(**overrides) if overrides else (config or SparsityConfig())
+        self.tracked, self.skipped = _collect_parameters(model, self.config)
+        self.mode: str | None = None
+        self.mode_reason: str = ""
+        self.history: list[dict[str, float]] = []
+        self.last_measurement: Measurement | None = None
+        self._states: dict[str, _TensorState] = {}
+        self._has_previous = False
+        self._reference_nonfinite = 0
+        self._warned: set[str] = set()
+        self._chunk = max(8, self.config.chunk_numel // 8 * 8)
+        numel = sum(t.local().numel() for t in self.tracked)
+        use_compile = self.config.compile if self.config.compile is not None else numel >= _COMPILE_AUTO_NUMEL
+        self._kernel = _KernelRunner(use_compile)
+
+    # --- public ----------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Names of the tracked parameters (tied parameters under their first name)."""
+        return [t.name for t in self.tracked]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape for t in self.tracked}
+
+    @property
+    def signatures(self) -> dict[str, str]:
+        """Content hashes of the reference weights (see `Mask.check_matches`); empty before `snapshot`."""
+        return {name: s.signature for name, s in self._states.items()}
+
+    @property
+    def is_snapshotted(self) -> bool:
+        return bool(self._states)
+
+    def snapshot(self) -> None:
+        """Take the reference: the current values of every tracked parameter. Resets the ever-changed
+        mask, churn and history. Call it before the first optimizer step."""
+        self._check_materialised()
+        self.mode, self.mode_reason = self._choose_mode()
+        _log.info("sparsity_callbacks: mode=%s (%s)", self.mode, self.mode_reason)
+        self._states = {}
+        nonfinite = {}
+        for tracked in self.tracked:
+            self._states[tracked.name], bad = self._snapshot_tensor(tracked)
+            if bad:
+                nonfinite[tracked.name] = bad
+        if nonfinite:
+            first = next(iter(nonfinite))
+            warnings.warn(
+                f"{sum(nonfinite.values())} reference elements are NaN or inf (e.g. {nonfinite[first]} in {first!r}). "
+                "They are compared by their bits: a NaN that stays the same NaN counts as unchanged. "
+                "Check the checkpoint if this is unexpected.",
+                stacklevel=2,
+            )
+        self._reference_nonfinite = sum(nonfinite.values())
+        self._has_previous = False
+        self.history = []
+        self.last_measurement = None
+
+    @torch.no_grad()
+    def measure(self, step: int | None = None) -> Measurement:
+        """Compare every tracked element with the reference; update the ever-changed mask and churn.
+
+        Returns a `Measurement` with counts per tensor (summed over ranks when parameters are sharded).
+        """
+        self._require_snapshot()
+        params = self._current_parameters()
+        cfg = self.config
+        has_churn = cfg.track_churn and self._has_previous
+        rows = []
+        for tracked in self.tracked:
+            state = self._states[tracked.name]
+            flat = self._local_flat(params[tracked.name], tracked.name, state)
+            counts = torch.zeros(4, dtype=torch.int64, device=flat.device)
+            for start, end in _chunks(state.ever.numel() * 8, self._chunk):
+                changed, churn, nonfinite = self._run_chunk(flat, state, start, end, update=True)
+                counts[0] += _popcount(changed)
+                counts[1] += _popcount(nonfinite)
+                if churn is not None:
+                    counts[2] += _popcount(churn)
+            counts[3] = _popcount(state.ever)
+            rows.append(counts)
+        totals = torch.stack([r.cpu() for r in rows])  # one sync per device
+        totals = self._sum_across_ranks(totals)
+        self._has_previous = True
+        tensors = {
+            t.name: TensorCounts(
+                numel=self._states[t.name].numel if not _is_sharded(t.param) else int(totals_numel),
+                changed=int(row[0]),
+                ever_changed=int(row[3]),
+                churn=int(row[2]) if has_churn else 0,
+            )
+            for t, row, totals_numel in zip(self.tracked, totals.tolist(), self._numels_across_ranks())
+        }
+        nonfinite = int(totals[:, 1].sum())
+        measurement = Measurement(
+            step=step,
+            mode=self.mode or "exact",
+            tensors=tensors,
+            changed_miss_probability=_miss_probability(cfg.fingerprint_bits) if self.mode == "fingerprint" else 0.0,
+            churn_miss_probability=_miss_probability(cfg.fingerprint_bits),
+            has_churn=has_churn,
+            nonfinite=nonfinite,
+            skipped=self.skipped,
+        )
+        if nonfinite > self._reference_nonfinite and "nonfinite" not in self._warned:
+            self._warned.add("nonfinite")
+            bad = [n for n, row in zip(self.names, totals.tolist()) if row[1]]
+            warnings.warn(
+                f"{nonfinite} tracked elements are NaN or inf at step {step} ({self._reference_nonfinite} at the "
+                f"snapshot; e.g. in {bad[:3]}): training has probably diverged. They count as changed unless the "
+                "reference had the same bits. HINT: lower the learning rate or enable gradient clipping.",
+                stacklevel=2,
+            )
+        self.last_measurement = measurement
+        self._append_history(measurement)
+        return measurement
+
+    @torch.no_grad()
+    def ever_changed_mask(self) -> Mask:
+        """Elements detected as changed at any measurement so far (1 = changed), as a `Mask` carrying
+        the reference signatures. Sharded parameters give this rank's local shard."""
+        self._require_snapshot()
+        tensors = {
+            name: _planar_to_bool_chunks(state.ever, self._chunk)[: state.numel].cpu().view(self._local_shape(name))
+            for name, state in self._states.items()
+        }
+        return Mask(tensors, signatures=self.signatures, metadata=self._mask_metadata("ever_changed"))
+
+    @torch.no_grad()
+    def changed_mask(self) -> Mask:
+        """Elements that differ from the reference now (detected; does not update any state)."""
+        self._require_snapshot()
+        params = self._current_parameters()
+        tensors = {}
+        for tracked in self.tracked:
+            state = self._states[tracked.name]
+            flat = self._local_flat(params[tracked.name], tracked.name, state)
+            pieces = [
+                _planar_to_bool(self._run_chunk(flat, state, start, end, update=False)[0])
+                for start, end in _chunks(state.ever.numel() * 8, self._chunk)
+            ]
+            tensors[tracked.name] = torch.cat(pieces)[: state.numel].cpu().view(self._local_shape(tracked.name))
+        return Mask(tensors, signatures=self.signatures, metadata=self._mask_metadata("changed"))
+
+    def reference(self, name: str) -> torch.Tensor | None:
+        """Reference values of a tracked parameter (CPU, compare dtype, local shape) in ``exact``
+        mode; None in ``fingerprint`` mode, which keeps no values."""
+        self._require_snapshot()
+        state = self._states[name]
+        if self.mode != "exact":
+            return None
+        return state.reference[: state.numel].view(self._local_shape(name))
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after a restart: ``{"meta": json str, "tensors": {key: tensor}}``.
+        Tensors are on the CPU. Keyed by parameter names."""
+        self._require_snapshot()
+        meta = {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "chunk": self._chunk,
+            "has_previous": self._has_previous,
+            "fingerprint_bits": self.config.fingerprint_bits,
+            "history": self.history,
+            "tensors": {
+                name: {"shape": list(s.shape), "dtype": str(s.dtype), "numel": s.numel, "signature": s.signature}
+                for name, s in self._states.items()
+            },
+        }
+        tensors = {}
+        for name, s in self._states.items():
+            tensors[f"reference/{name}"] = s.reference.detach().cpu()
+            tensors[f"ever/{name}"] = s.ever.detach().cpu()
+            if s.previous is not None:
+                tensors[f"previous/{name}"] = s.previous.detach().cpu()
+        return {"meta": json.dumps(meta), "tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`: the original reference, ever-changed mask, churn state and history.
+        Raises `ValueError` when the state belongs to another model or is corrupt."""
+        try:
+            meta = json.loads(state["meta"])
+            tensors = state["tensors"]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"Not a SparsityTracker state ({type(err).__name__}: {err}).") from None
+        if meta.get("format") != _STATE_FORMAT or meta.get("version") != _STATE_VERSION:
+            raise ValueError(f"Not a SparsityTracker state of version {_STATE_VERSION}: format={meta.get('format')!r}, "
+                             f"version={meta.get('version')!r}.")
+        saved = meta["tensors"]
+        current = {t.name: list(self._local_shape_of(t)) for t in self.tracked}
+        missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+        if missing or extra:
+            raise ValueError(
+                f"The tracker state was saved for another model or other include/exclude options: "
+                f"not in the state {missing[:3]}, not in the model {extra[:3]}. HINT: resume with the same model "
+                "and SparsityConfig, or start over with tracker.snapshot()."
+            )
+        for name, shape in current.items():
+            if saved[name]["shape"] != shape:
+                raise ValueError(f"The tracker state was saved for another model: {name!r} has shape "
+                                 f"{saved[name]['shape']} in the state but {shape} in the model.")
+        if meta["fingerprint_bits"] != self.config.fingerprint_bits and meta["mode"] == "fingerprint":
+            raise ValueError(f"The tracker state uses {meta['fingerprint_bits']}-bit fingerprints but the config asks "
+                             f"for {self.config.fingerprint_bits}; use the same `fingerprint_bits` to resume.")
+        states = {}
+        for tracked in self.tracked:
+            info = saved[tracked.name]
+            device = tracked.local().device
+            dtype = getattr(torch, info["dtype"].removeprefix("torch."))
+            padded = _padded(info["numel"])
+            reference = tensors[f"reference/{tracked.name}"]
+            ever = tensors[f"ever/{tracked.name}"]
+            previous = tensors.get(f"previous/{tracked.name}")
+            expected_ref = padded
+            if reference.numel() != expected_ref or ever.numel() != padded // 8:
+                raise ValueError(f"The tracker state is corrupt: tensor {tracked.name!r} has {reference.numel()} "
+                                 f"reference and {ever.numel()} mask bytes, expected {expected_ref} and {padded // 8}.")
+            if meta["chunk"] != self._chunk:
+                ever = _repack(ever, meta["chunk"], self._chunk)
+            if meta["mode"] == "exact":
+                pin = device.type == "cuda"
+                host = _new_host_buffer(padded, reference.dtype, pin, self._reference_path(tracked.name))
+                host.copy_(reference)
+                reference = host
+            else:
+                reference = reference.to(device)
+            if previous is not None and self.config.track_churn:
+                previous = previous.to(device)
+            elif self.config.track_churn:
+                previous = None
+            else:
+                previous = None
+            states[tracked.name] = _TensorState(
+                numel=info["numel"], shape=tuple(info["shape"]), dtype=dtype, reference=reference,
+                previous=previous, ever=ever.to(device), signature=info["signature"],
+            )
+        self._states = states
+        self.mode = meta["mode"]
+        self.mode_reason = meta["mode_reason"] + " (restored)"
+        self._has_previous = bool(meta["has_previous"]) and all(s.previous is not None for s in states.values())
+        self.history = list(meta["history"])
+        if self.config.track_churn and not all(s.previous is not None for s in states.values()):
+            for name, s in states.items():
+                s.previous = torch.zeros(s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits],
+                                         device=s.ever.device)
+            self._has_previous = False
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `state_dict` to a safetensors file (atomic rename). No pickle."""
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        path = os.fspath(path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in state["tensors"].items()}, tmp, metadata={"meta": state["meta"]})
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore from a file written by `save`. Raises `ValueError` for a corrupt or foreign file."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Tracker state file {path!r} does not exist.")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                meta = (handle.metadata() or {}).get("meta")
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as err:
+            raise ValueError(
+                f"Cannot read tracker state {path!r} ({type(err).__name__}: {err}). HINT: the file is truncated or "
+                "not a tracker state; resume from an earlier checkpoint or start over with snapshot()."
+            ) from None
+        if meta is None:
+            raise ValueError(f"{path!r} is a safetensors file but not a SparsityTracker state.")
+        self.load_state_dict({"meta": meta, "tensors": tensors})
+
+    # --- internals -------------------------------------------------------------------------------
+    def _require_snapshot(self) -> None:
+        if not self._states:
+            raise RuntimeError("Call tracker.snapshot() (before the first optimizer step) or load a state first.")
+
+    def _check_materialised(self) -> None:
+        for tracked in self.tracked:
+            if tracked.local().device.type == "meta":
+                raise ValueError(
+                    f"Parameter {tracked.name!r} is on the meta device (deferred initialisation): there are no "
+                    "values to snapshot. HINT: snapshot after the weights are materialised and loaded "
+                    "(e.g. after `model.to_empty(device=...)` and loading the checkpoint)."
+                )
+
+    def _compare_dtype(self, tracked: _TrackedTensor) -> torch.dtype:
+        if self.config.compare_dtype is None:
+            return tracked.local().dtype
+        return getattr(torch, self.config.compare_dtype)
+
+    def _choose_mode(self) -> tuple[str, str]:
+        cfg = self.config
+        need = sum(_padded(t.local().numel()) * self._compare_dtype(t).itemsize for t in self.tracked)
+        if cfg.reference_dir is not None:
+            if cfg.mode == "fingerprint":
+                return "fingerprint", "mode='fingerprint' requested (reference_dir is ignored)"
+            return "exact", f"exact reference memory-mapped in {cfg.reference_dir} ({need / 2**30:.2f} GiB on disk)"
+        available = _available_host_bytes()
+        text = f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference, {available / 2**30:.2f} GiB available"
+        if cfg.mode == "fingerprint":
+            return "fingerprint", "mode='fingerprint' requested"
+        if cfg.mode == "exact":
+            if need > 0.9 * available:
+                raise MemoryError(
+                    f"mode='exact' cannot fit: {text}. HINT: use mode='fingerprint' "
+                    f"({cfg.fingerprint_bits // 8} byte(s) per element on the device), or reference_dir=<a folder on "
+                    "a disk with room> for a memory-mapped exact reference."
+                )
+            return "exact", f"mode='exact' requested; {text}"
+        if need <= 0.5 * available:
+            return "exact", f"auto: {text}"
+        if cfg.atol > 0:
+            raise MemoryError(f"atol={cfg.atol} needs an exact reference, which cannot fit: {text}. HINT: set "
+                              "reference_dir=<folder> for a memory-mapped reference, or atol=0 with mode='fingerprint'.")
+        return "fingerprint", f"auto: {text} (more than half), so {cfg.fingerprint_bits}-bit fingerprints on the device"
+
+    def _reference_path(self, name: str) -> str | None:
+        if self.config.reference_dir is None or self.mode != "exact":
+            return None
+        os.makedirs(self.config.reference_dir, exist_ok=True)
+        rank = torch.distributed.get_rank() if _dist_ready() else 0
+        return os.path.join(self.config.reference_dir, f"reference_rank{rank}_{name}.bin")
+
+    def _snapshot_tensor(self, tracked: _TrackedTensor) -> tuple[_TensorState, int]:
+        local = tracked.local().detach()
+        flat = local.reshape(-1)
+        dtype = self._compare_dtype(tracked)
+        padded = _padded(flat.numel())
+        bits = self.config.fingerprint_bits
+        fp_dtype = _FINGERPRINT_DTYPES[bits]
+        ever = torch.zeros(padded // 8, dtype=torch.uint8, device=flat.device)
+        previous = torch.empty(padded, dtype=fp_dtype, device=flat.device) if self.config.track_churn else None
+        if self.mode == "exact":
+            pin = flat.device.type == "cuda"
+            reference = _new_host_buffer(padded, dtype, pin, self._reference_path(tracked.name))
+        else:
+            reference = torch.empty(padded, dtype=fp_dtype, device=flat.device)
+        nonfinite = 0
+        for start, end in _chunks(padded, self._chunk):
+            values = _flat_chunk(flat, start, end, dtype)
+            nonfinite += int((~torch.isfinite(values)).sum())
+            fingerprint = _fingerprint(values, bits) if (previous is not None or self.mode != "exact") else None
+            if self.mode == "exact":
+                reference[start:end].copy_(values, non_blocking=True)
+            else:
+                reference[start:end] = fingerprint
+            if previous is not None:
+                previous[start:end] = fingerprint
+        if flat.device.type == "cuda":
+            torch.cuda.synchronize(flat.device)
+        state = _TensorState(
+            numel=flat.numel(), shape=tracked.shape, dtype=dtype, reference=reference, previous=previous,
+            ever=ever, signature=_tensor_signature(local),
+        )
+        return state, nonfinite
+
+    def _run_chunk(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
+        current = _flat_chunk(flat, start, end, state.dtype)
+        reference = state.reference[start:end]
+        if self.mode == "exact" and reference.device != current.device:
+            reference = reference.to(current.device, non_blocking=True)
+        previous = state.previous[start:end] if (state.previous is not None and self.config.track_churn) else None
+        ever = state.ever[start // 8 : end // 8]
+        return self._kernel(
+            current, reference, previous, ever,
+            fingerprint_reference=self.mode == "fingerprint", bits=self.config.fingerprint_bits,
+            atol=float(self.config.atol), update=update,
+        )
+
+    def _current_parameters(self) -> dict[str, torch.Tensor]:
+        """The tracked parameters as they are now, by name; raises when the model changed shape."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for tracked in self.tracked:
+            param = params.get(tracked.name)
+            if param is None:
+                raise ValueError(
+                    f"Parameter {tracked.name!r} was removed from the model after the snapshot. HINT: create a new "
+                    "SparsityTracker and call snapshot() (the cumulative curve starts over)."
+                )
+            if tuple(param.shape) != tracked.shape:
+                raise ValueError(
+                    f"Parameter {tracked.name!r} changed shape from {list(tracked.shape)} to {list(param.shape)} after "
+                    "the snapshot. HINT: create a new SparsityTracker and call snapshot()."
+                )
+            tracked.param = param
+        return params
+
+    def _local_flat(self, param: torch.Tensor, name: str, state: _TensorState) -> torch.Tensor:
+        from sparsity_callbacks.params import _local_tensor
+
+        local = _local_tensor(param).detach()
+        if local.numel() != state.numel:
+            raise ValueError(f"Parameter {name!r} holds {local.numel()} local elements, {state.numel} at the snapshot.")
+        expected = state.dtype if self.config.compare_dtype is not None else state.dtype
+        if self.config.compare_dtype is None and local.dtype != expected and f"dtype:{name}" not in self._warned:
+            self._warned.add(f"dtype:{name}")
+            warnings.warn(
+                f"Parameter {name!r} changed dtype from {expected} to {local.dtype} after the snapshot (e.g. "
+                f"model.half()); comparing in {expected}. Values that the cast rounded count as changed. HINT: set "
+                "compare_dtype to the dtype you save checkpoints in.",
+                stacklevel=3,
+            )
+        return local.reshape(-1)
+
+    def _local_shape(self, name: str) -> tuple[int, ...]:
+        state = self._states[name]
+        return state.shape if math.prod(state.shape) == state.numel else (state.numel,)
+
+    @staticmethod
+    def _local_shape_of(tracked: _TrackedTensor) -> tuple[int, ...]:
+        local = tracked.local()
+        return tracked.shape if local.numel() == math.prod(tracked.shape) else (local.numel(),)
+
+    def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
+        """Sum the per-tensor counts over ranks when parameters are sharded (DDP replicas are counted once)."""
+        if not (_dist_ready() and any(_is_sharded(t.param) for t in self.tracked)):
+            return totals
+        from sparsity_callbacks.metrics import _SparsityCounts
+
+        metric = _SparsityCounts(len(self.tracked))
+        metric.update(totals)
+        return metric.compute()
+
+    def _numels_across_ranks(self) -> list[int]:
+        return [math.prod(t.shape) for t in self.tracked]
+
+    def _append_history(self, m: Measurement) -> None:
+        point = {"step": float(m.step if m.step is not None else len(self.history)),
+                 "changed_fraction": m.changed_fraction, "ever_changed_fraction": m.ever_changed_fraction}
+        if m.has_churn:
+            point["churn_fraction"] = m.churn_fraction
+        self.history.append(point)
+        if len(self.history) > _MAX_HISTORY:  # bounded memory on long runs: keep every other point
+            self.history = self.history[::2]
+
+    def _mask_metadata(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "mode": self.mode, "step": self.last_measurement.step if self.last_measurement else None,
+                "config": self.config.to_dict()}
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _planar_to_bool_chunks(packed: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Planar-per-chunk packed bits of a whole tensor -> flat bool in element order."""
+    step = chunk // 8
+    return torch.cat([_planar_to_bool(packed[i : i + step]) for i in range(0, packed.numel(), step)])
+
+
+def _repack(packed: torch.Tensor, old_chunk: int, new_chunk: int) -> torch.Tensor:
+    """Re-pack planar bits written with another chunk size."""
+    flags = _planar_to_bool_chunks(packed, old_chunk)
+    step = new_chunk
+    return torch.cat([_pack_planar(flags[i : i + step]) for i in range(0, flags.numel(), step)])
