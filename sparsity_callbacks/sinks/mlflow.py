@@ -1,0 +1,770 @@
+"""`MLflowSink`: asynchronous, batched, outage-proof MLflow logging into one run.
+
+The engine's only MLflow writer; the HF and Lightning adapters both use it. A training step never waits
+for the server: `log_metrics` appends to an in-memory buffer and a daemon worker thread delivers it with
+`MlflowClient.log_batch` (at most 1000 metrics / 100 params per request, MLflow's limits).
+
+Outage handling: when the tracking server cannot be reached the data stays buffered, the worker retries
+every ``retry_interval_s`` with a bounded exponential backoff (at most ``10 * retry_interval_s``), ONE
+warning says so (emitted on the caller's thread at its next call) and one info line says when delivery
+recovered; buffered metrics are re-sent in their original order with their original timestamps and steps.
+If the server never comes back, `close` writes everything undelivered to a JSON-lines fallback file and
+warns with the command that replays it (`_replay_fallback`).
+
+Memory: the buffer holds only what has not been delivered yet (about 150 bytes per metric value), so it is
+bounded by what was measured during the outage: e.g. 100 metric keys every 10 steps for 10 000 steps of
+outage is 100 000 values, about 15 MB. Nothing is dropped to bound it.
+
+How the worker avoids MLflow's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` defaults to 7 with a
+backoff of minutes, read from ``os.environ`` at every request, so changing it would also change the
+training thread's and other callbacks' requests): for ``http(s)`` tracking URIs the worker first probes
+``<uri>/health`` with one short-timeout request of its own, without retries, and talks to MLflow only when
+the server answers. A request already in flight when the server dies can still take MLflow's retry time to
+fail; it runs on the worker only, and `close` stops waiting for it after its ``timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+#: MLflow's limits per ``log_batch`` request (mlflow.utils.validation).
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_KEY_LENGTH = 250
+_MAX_PARAM_VALUE_LENGTH = 6000
+#: seconds the worker waits for the ``/health`` probe before calling the server unreachable.
+_PROBE_TIMEOUT_S = 3.0
+#: seconds `close` waits for a request that is still in flight after its timeout.
+_JOIN_GRACE_S = 2.0
+_FALLBACK_VERSION = 1
+#: HTTP statuses that mean "try again later" rather than "this request is wrong".
+_TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+class MLflowSinkWarning(UserWarning):
+    """Warnings of `MLflowSink`: server unreachable, renamed keys, refused data, fallback file written."""
+
+
+class _Unreachable(Exception):
+    """The tracking server did not answer the worker's probe."""
+
+
+@dataclass
+class _Entry:
+    """One queued unit of work. ``kind``: ``metrics`` (list of ``(key, value, timestamp_ms, step)``),
+    ``params`` (dict), ``artifact`` (``(local path, artifact path)``) or ``terminate`` (status)."""
+
+    seq: int
+    kind: str
+    payload: Any
+
+
+def _require_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as err:  # pragma: no cover - mlflow is installed in the test environment
+        raise ImportError(
+            "MLflow logging needs the `mlflow` package. HINT: pip install 'sparsity-callbacks[mlflow]', "
+            "or pass log_to_mlflow=False."
+        ) from err
+
+
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]" if os.name != "nt" else r"[^A-Za-z0-9_\-. /]")
+
+
+def _sanitise_key(key: str) -> str:
+    """``key`` made acceptable to MLflow: only alphanumerics and ``_ - . space / :`` (no colon on
+    Windows), no empty, ``.`` or ``..`` path segments, no leading ``..`` and at most 250 characters."""
+    new = _BAD_KEY_CHARS.sub("_", str(key))
+    segments = [s if s not in (".", "..") else "_" * len(s) for s in new.split("/") if s]
+    new = "/".join(segments) or "_"
+    if new.startswith(".."):
+        new = "_" + new[1:]
+    return new[:_MAX_KEY_LENGTH].rstrip("/")
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status an MLflow or requests error stands for, if any."""
+    get_status = getattr(err, "get_http_status_code", None)
+    if callable(get_status):
+        try:
+            return int(get_status())
+        except Exception:
+            return None
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_refusal(err: BaseException) -> bool:
+    """True when the server understood and refused the request (4xx other than 408/429): retrying the
+    same request cannot succeed. Everything else (connection errors, timeouts, 5xx) is an outage."""
+    if isinstance(err, _Unreachable):
+        return False
+    status = _http_status(err)
+    return status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUSES
+
+
+def _probe(uri: str, timeout: float) -> bool:
+    """True when an ``http(s)`` tracking server answers at all (any HTTP status), within ``timeout`` s."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.exceptions.SSLError:
+        return True  # it answered; MLflow's own request decides with the configured certificates
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+        return False
+    except requests.exceptions.RequestException:
+        return True
+    return True
+
+
+def _close_at_exit(ref: "weakref.ReferenceType[MLflowSink]") -> None:
+    sink = ref()
+    if sink is not None:
+        sink.close(timeout=10.0)
+
+
+class MLflowSink:
+    """Logs metrics, params and artifacts into one MLflow run, asynchronously and in batches.
+
+    The run is resolved once, lazily, on the caller's thread at the first use (so fluent MLflow state such
+    as HF's ``MLflowCallback`` run is visible):
+
+    1. ``run_id`` given: that run, under ``tracking_uri`` (else ``mlflow.get_tracking_uri()``);
+    2. else ``mlflow.active_run()``, when ``tracking_uri`` is None or the current tracking URI: reused,
+       never a second run for one training, and left open at `close`;
+    3. else a new run created by the sink in ``experiment`` (created if missing; otherwise
+       ``MLFLOW_EXPERIMENT_NAME``, the experiment of ``mlflow.set_experiment`` or the default one) under
+       ``tracking_uri`` / ``MLFLOW_TRACKING_URI`` read at that moment / MLflow's default (a local sqlite
+       ``mlflow.db``). The worker creates it (so an unreachable server does not block the caller) and
+       `close` terminates it with status FINISHED.
+
+    Writing uses only ``MlflowClient`` with the explicit run id, never the fluent API.
+
+    Args:
+        run_id: log into this existing run.
+        tracking_uri: tracking URI of the run (see above).
+        experiment: experiment name for a run the sink creates.
+        run_name: name of a run the sink creates (MLflow picks one if None).
+        enabled: False (e.g. on non-zero ranks) makes every method a no-op.
+        retry_interval_s: seconds between delivery attempts while the server is unreachable (doubles
+            after each failure, up to ``10 * retry_interval_s``).
+        fallback_dir: folder for the JSON-lines file of undelivered data written by `close` (default: the
+            current directory).
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        enabled: bool = True,
+        retry_interval_s: float = 2.0,
+        fallback_dir: str | None = None,
+    ) -> None:
+        for name, value in (
+            ("run_id", run_id),
+            ("tracking_uri", tracking_uri),
+            ("experiment", experiment),
+            ("run_name", run_name),
+            ("fallback_dir", fallback_dir),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"`{name}` must be a string or None, got {value!r}.")
+        if not isinstance(enabled, bool):
+            raise ValueError(f"`enabled` must be True or False, got {enabled!r}.")
+        if (
+            isinstance(retry_interval_s, bool)
+            or not isinstance(retry_interval_s, (int, float))
+            or not 0 < retry_interval_s < float("inf")
+        ):
+            raise ValueError(f"`retry_interval_s` must be a positive number of seconds, got {retry_interval_s!r}.")
+        if enabled:
+            _require_mlflow()
+        self._enabled = enabled
+        self._explicit_run_id = run_id
+        self._explicit_uri = tracking_uri
+        self._experiment = experiment
+        self._run_name = run_name
+        self._retry_interval_s = float(retry_interval_s)
+        self._max_backoff_s = 10.0 * self._retry_interval_s
+        self._fallback_dir = fallback_dir
+
+        self._cond = threading.Condition()
+        self._pending: deque[_Entry] = deque()
+        self._refused: list[_Entry] = []
+        self._seq = itertools.count(1)
+        self._last_seq = 0  # highest seq enqueued
+        self._handled_seq = 0  # every entry with seq <= this was delivered or refused
+        self._worker: threading.Thread | None = None
+        self._client: Any = None  # the worker's MlflowClient
+        self._stop = False
+        self._closing = False
+        self._closed = False
+        self._wake = False
+
+        # run state (set by `_resolve` on the caller's thread; `_run_id` may be set later by the worker)
+        self._resolved = False
+        self._uri: str | None = None
+        self._run_id: str | None = None
+        self._owns_run = False
+        self._experiment_id: str | None = None
+        self._create_attempted = False
+        self._create_refused = False
+
+        # notices for the caller's thread
+        self._outage = False
+        self._outage_warned = False
+        self._outage_since = 0.0
+        self._refusal_notes: list[str] = []
+        self._refusal_seen: set[str] = set()
+        self._renamed: dict[str, str] = {}
+        self._key_cache: dict[str, str] = {}
+        self._bad_values: set[str] = set()
+        self._staging: str | None = None
+        self._atexit_registered = False
+
+    # --- public API ------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """Tracking URI of the run (None until resolved or when disabled)."""
+        return self._uri
+
+    @property
+    def run_id(self) -> str | None:
+        """Id of the run the sink logs into; resolves it on first access. None when disabled, or while a
+        run the sink has to create could not be created yet because the server is unreachable (waits for
+        the worker's first attempt)."""
+        if not self._enabled:
+            return None
+        self._resolve()
+        if self._run_id is None and self._owns_run:
+            self._ensure_worker()
+            with self._cond:
+                self._cond.wait_for(lambda: self._run_id is not None or self._create_attempted or self._stop, 60.0)
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Queue ``params`` (values converted with `str`, cut to MLflow's 6000 characters). Never blocks,
+        never raises."""
+        try:
+            if not self._usable():
+                return
+            clean: dict[str, str] = {}
+            for key, value in params.items():
+                text = str(value)
+                if len(text) > _MAX_PARAM_VALUE_LENGTH:
+                    text = text[: _MAX_PARAM_VALUE_LENGTH - 3] + "..."
+                clean[self._key(key)] = text
+            self._notify_renamed()
+            items = list(clean.items())
+            for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+                self._enqueue("params", dict(items[i : i + _MAX_PARAMS_PER_BATCH]))
+        except Exception as err:  # never kill training for logging
+            _log.warning("MLflowSink.log_params failed and skipped these params: %r", err)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue ``metrics`` at optimizer step ``step`` (timestamped now). Never blocks on the network and
+        never raises: values that are not numbers are skipped with one warning per key."""
+        try:
+            if not self._usable():
+                return
+            timestamp = int(time.time() * 1000)
+            step = int(step)
+            rows = []
+            for key, value in metrics.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    if key not in self._bad_values:
+                        self._bad_values.add(key)
+                        warnings.warn(
+                            f"MLflowSink: metric {key!r} has a non-numeric value {value!r}; it is not logged.",
+                            MLflowSinkWarning,
+                            stacklevel=2,
+                        )
+                    continue
+                rows.append((self._key(key), number, timestamp, step))
+            self._notify_renamed()
+            for i in range(0, len(rows), _MAX_METRICS_PER_BATCH):
+                self._enqueue("metrics", rows[i : i + _MAX_METRICS_PER_BATCH])
+        except Exception as err:  # never kill training for logging
+            _log.warning("MLflowSink.log_metrics failed and skipped these metrics: %r", err)
+
+    def log_artifact(self, local_path: str, artifact_path: str = "sparsity") -> None:
+        """Queue the file ``local_path`` for upload under ``artifact_path`` of the run. A hard link (or a
+        copy) is taken now, so the file may be deleted or rewritten right after this call. Never raises:
+        a missing file gives a warning."""
+        if not self._usable():
+            return
+        if not os.path.isfile(local_path):
+            warnings.warn(
+                f"MLflowSink.log_artifact: {local_path!r} is not a file; nothing is uploaded.",
+                MLflowSinkWarning,
+                stacklevel=2,
+            )
+            return
+        try:
+            staged = self._stage(local_path)
+        except OSError as err:
+            warnings.warn(f"MLflowSink.log_artifact: cannot read {local_path!r} ({err}); nothing is uploaded.",
+                          MLflowSinkWarning, stacklevel=2)
+            return
+        self._enqueue("artifact", (staged, artifact_path))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s (None: forever) for everything queued so far to be handled. True when
+        all of it was delivered (False on timeout, or when the server refused some of it)."""
+        if not self._enabled:
+            return True
+        with self._cond:
+            target = self._last_seq
+            self._cond.wait_for(lambda: self._handled_seq >= target or self._stop, timeout)
+            done = self._handled_seq >= target and not self._refused
+        self._emit_notices()
+        return done
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush (waiting at most ``timeout`` s), terminate a run the sink created (FINISHED), stop the
+        worker. Whatever could not be delivered is written to the fallback file, with a warning that says
+        how to replay it. Idempotent; later log calls are ignored."""
+        if not self._enabled or self._closed:
+            return
+        self._closed = True
+        if self._resolved and self._owns_run:
+            self._enqueue("terminate", "FINISHED", force=True)
+        with self._cond:
+            self._closing = True
+            self._wake = True
+            self._cond.notify_all()
+        delivered = self.flush(timeout) if self._worker is not None else True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(_JOIN_GRACE_S)
+        with self._cond:
+            leftover = sorted([*self._pending, *self._refused], key=lambda e: e.seq)
+        if leftover and (not delivered or self._refused):
+            path = self._write_fallback(leftover)
+            n_metrics = sum(len(e.payload) for e in leftover if e.kind == "metrics")
+            warnings.warn(
+                f"MLflowSink: {n_metrics} metric values and {len(leftover)} queued items could not be delivered "
+                f"to MLflow at {self._uri} (run {self._run_id}); they were written to {path}. Replay them once "
+                "the server is back (or elsewhere: add tracking_uri=..., run_id=...) with:\n  python -c "
+                f"\"from sparsity_callbacks.sinks.mlflow import _replay_fallback; _replay_fallback({path!r})\"",
+                MLflowSinkWarning,
+                stacklevel=2,
+            )
+        self._emit_notices()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    # --- caller-side internals -------------------------------------------------------------------
+    def _usable(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._closed:
+            _log.debug("MLflowSink is closed; call ignored.")
+            return False
+        self._resolve()
+        self._emit_notices()
+        return True
+
+    def _resolve(self) -> None:
+        """Pick the run (see the class docstring), once, on the caller's thread."""
+        if self._resolved:
+            return
+        import mlflow
+
+        current_uri = mlflow.get_tracking_uri()
+        self._uri = self._explicit_uri or current_uri
+        if self._explicit_run_id is not None:
+            self._run_id = self._explicit_run_id
+        else:
+            active = mlflow.active_run()
+            if active is not None and (self._explicit_uri is None or self._explicit_uri == current_uri):
+                self._run_id = active.info.run_id
+            else:
+                self._owns_run = True
+                if self._experiment is None and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+                    self._experiment = os.environ["MLFLOW_EXPERIMENT_NAME"]
+                if self._experiment is None and self._uri == current_uri:
+                    from mlflow.tracking import fluent
+
+                    self._experiment_id = getattr(fluent, "_active_experiment_id", None)
+                if self._experiment is None and self._experiment_id is None:
+                    self._experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+        self._resolved = True
+        if not self._atexit_registered:
+            atexit.register(_close_at_exit, weakref.ref(self))
+            self._atexit_registered = True
+
+    def _key(self, key: str) -> str:
+        cached = self._key_cache.get(key)
+        if cached is None:
+            cached = _sanitise_key(key)
+            self._key_cache[key] = cached
+            if cached != key:
+                self._renamed[key] = cached
+        return cached
+
+    def _notify_renamed(self) -> None:
+        if self._renamed:
+            listing = ", ".join(f"{k!r} -> {v!r}" for k, v in self._renamed.items())
+            self._renamed = {}
+            warnings.warn(
+                f"MLflowSink: keys renamed to what MLflow accepts (alphanumerics and _ - . space / :): {listing}",
+                MLflowSinkWarning,
+                stacklevel=3,
+            )
+
+    def _emit_notices(self) -> None:
+        """Warnings decided by the worker, raised on the caller's thread (one per outage)."""
+        with self._cond:
+            outage = self._outage and not self._outage_warned
+            if outage:
+                self._outage_warned = True
+            notes, self._refusal_notes = self._refusal_notes, []
+            n_buffered = sum(len(e.payload) for e in self._pending if e.kind == "metrics")
+        if outage:
+            warnings.warn(
+                f"MLflowSink: the MLflow tracking server at {self._uri} is unreachable; metrics are buffered "
+                f"in memory ({n_buffered} values so far) and retried every {self._retry_interval_s:g} s or more. "
+                "Training continues; nothing is lost (undelivered data is written to a fallback file at close).",
+                MLflowSinkWarning,
+                stacklevel=3,
+            )
+        for note in notes:
+            warnings.warn(note, MLflowSinkWarning, stacklevel=3)
+
+    def _stage(self, local_path: str) -> str:
+        if self._staging is None:
+            self._staging = tempfile.mkdtemp(prefix="sparsity_mlflow_staging_")
+        folder = tempfile.mkdtemp(dir=self._staging)
+        staged = os.path.join(folder, os.path.basename(local_path))
+        try:
+            os.link(local_path, staged)
+        except OSError:
+            shutil.copy2(local_path, staged)
+        return staged
+
+    def _enqueue(self, kind: str, payload: Any, force: bool = False) -> None:
+        if self._closed and not force:
+            return
+        with self._cond:
+            seq = next(self._seq)
+            self._last_seq = seq
+            self._pending.append(_Entry(seq, kind, payload))
+            self._cond.notify_all()
+        self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            with self._cond:
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="MLflowSink-worker", daemon=True)
+                    self._worker.start()
+
+    # --- worker ----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._pending or self._must_create())
+                if self._stop:
+                    return
+            try:
+                self._attempt()
+            except Exception as err:  # an outage: keep everything, retry later
+                failures += 1
+                self._on_outage(err)
+                with self._cond:
+                    self._create_attempted = True  # `run_id` stops waiting for the run
+                    self._cond.notify_all()
+                delay = (
+                    self._retry_interval_s
+                    if self._closing
+                    else min(self._retry_interval_s * 2 ** (failures - 1), self._max_backoff_s)
+                )
+                with self._cond:
+                    self._wake = False
+                    self._cond.wait_for(lambda: self._stop or self._wake, delay)
+            else:
+                failures = 0
+
+    def _must_create(self) -> bool:
+        return self._owns_run and self._run_id is None and not self._create_refused
+
+    def _attempt(self) -> None:
+        """Deliver the run creation or the next batch; raise on an outage (nothing is removed then)."""
+        if _is_http(self._uri) and not _probe(self._uri, _PROBE_TIMEOUT_S):
+            raise _Unreachable(f"no answer from {self._uri}/health within {_PROBE_TIMEOUT_S:g} s")
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self._uri)
+        client = self._client
+        if self._run_id is None:
+            if self._create_refused:
+                self._on_refused(self._next_batch(), None)
+                return
+            try:
+                self._create_run(client)
+            except Exception as err:
+                if not _is_refusal(err):
+                    raise
+                with self._cond:
+                    self._create_refused = True
+                    self._create_attempted = True
+                self._on_refused(self._next_batch(), err)
+                return
+            self._on_success()
+            return
+        batch = self._next_batch()
+        if not batch:
+            return
+        try:
+            self._send(client, batch)
+        except Exception as err:
+            if not _is_refusal(err):
+                raise
+            self._on_refused(batch, err)
+            return
+        with self._cond:
+            for _ in batch:
+                self._pending.popleft()
+            self._handled_seq = max(self._handled_seq, batch[-1].seq)
+            self._cond.notify_all()
+        for entry in batch:
+            if entry.kind == "artifact":
+                shutil.rmtree(os.path.dirname(entry.payload[0]), ignore_errors=True)
+        self._on_success()
+
+    def _create_run(self, client: Any) -> None:
+        experiment_id = self._experiment_id
+        if self._experiment is not None:
+            experiment_id = _get_or_create_experiment(client, self._experiment)
+            self._experiment_id = experiment_id
+        run = client.create_run(experiment_id, run_name=self._run_name)
+        with self._cond:
+            self._run_id = run.info.run_id
+            self._create_attempted = True
+            self._cond.notify_all()
+        _log.info("MLflowSink: created run %s in experiment %s at %s.", run.info.run_id, experiment_id, self._uri)
+
+    def _next_batch(self) -> list[_Entry]:
+        """The head entry, merged with the following metric entries up to 1000 metric values."""
+        with self._cond:
+            if not self._pending:
+                return []
+            head = self._pending[0]
+            batch = [head]
+            if head.kind == "metrics":
+                total = len(head.payload)
+                for entry in itertools.islice(self._pending, 1, None):
+                    if entry.kind != "metrics" or total + len(entry.payload) > _MAX_METRICS_PER_BATCH:
+                        break
+                    batch.append(entry)
+                    total += len(entry.payload)
+            return batch
+
+    def _send(self, client: Any, batch: list[_Entry]) -> None:
+        from mlflow.entities import Metric, Param
+
+        head = batch[0]
+        if head.kind == "metrics":
+            metrics = [Metric(k, v, t, s) for entry in batch for (k, v, t, s) in entry.payload]
+            client.log_batch(self._run_id, metrics=metrics)
+        elif head.kind == "params":
+            client.log_batch(self._run_id, params=[Param(k, v) for k, v in head.payload.items()])
+        elif head.kind == "artifact":
+            local_path, artifact_path = head.payload
+            client.log_artifact(self._run_id, local_path, artifact_path)
+        elif head.kind == "terminate":
+            client.set_terminated(self._run_id, head.payload)
+
+    def _on_success(self) -> None:
+        with self._cond:
+            was_out, self._outage = self._outage, False
+            self._outage_warned = False
+            since = self._outage_since
+        if was_out:
+            _log.info(
+                "MLflowSink: MLflow at %s is reachable again after %.0f s; buffered data is being delivered.",
+                self._uri,
+                time.monotonic() - since,
+            )
+
+    def _on_outage(self, err: BaseException) -> None:
+        with self._cond:
+            if not self._outage:
+                self._outage = True
+                self._outage_since = time.monotonic()
+                _log.debug("MLflowSink: delivery failed, will retry: %r", err)
+
+    def _on_refused(self, batch: list[_Entry], err: BaseException | None) -> None:
+        """The server refused ``batch`` (a 4xx; ``err`` None: the run could not be created): keep it for
+        the fallback file and go on with the rest. One warning per distinct error message."""
+        with self._cond:
+            for _ in batch:
+                self._refused.append(self._pending.popleft())
+            if batch:
+                self._handled_seq = max(self._handled_seq, batch[-1].seq)
+            if err is not None:
+                what = batch[0].kind if batch else "the run creation"
+                message = str(err)[:500]
+                if message not in self._refusal_seen:
+                    self._refusal_seen.add(message)
+                    self._refusal_notes.append(
+                        f"MLflowSink: MLflow at {self._uri} refused {what} (run {self._run_id}): {message} "
+                        "-- this and any further refused data is kept and written to the fallback file at close."
+                    )
+            self._cond.notify_all()
+
+    # --- fallback --------------------------------------------------------------------------------
+    def _write_fallback(self, entries: list[_Entry]) -> str:
+        folder = self._fallback_dir or os.getcwd()
+        os.makedirs(folder, exist_ok=True)
+        tag = self._run_id or time.strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(folder, f"sparsity_mlflow_fallback_{tag}.jsonl")
+        if os.path.exists(path):
+            path = os.path.join(folder, f"sparsity_mlflow_fallback_{tag}_{os.getpid()}_{int(time.time())}.jsonl")
+        artifact_dir = os.path.splitext(path)[0] + "_artifacts"
+        header = {
+            "type": "header",
+            "version": _FALLBACK_VERSION,
+            "tracking_uri": self._uri,
+            "run_id": self._run_id,
+            "owns_run": self._owns_run,
+            "experiment": self._experiment,
+            "experiment_id": self._experiment_id,
+            "run_name": self._run_name,
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+            for entry in entries:
+                if entry.kind == "metrics":
+                    record = {"type": "metrics", "metrics": [list(row) for row in entry.payload]}
+                elif entry.kind == "params":
+                    record = {"type": "params", "params": entry.payload}
+                elif entry.kind == "artifact":
+                    staged, artifact_path = entry.payload
+                    os.makedirs(artifact_dir, exist_ok=True)
+                    kept = os.path.join(artifact_dir, f"{entry.seq}_{os.path.basename(staged)}")
+                    shutil.move(staged, kept)
+                    record = {"type": "artifact", "path": kept, "name": os.path.basename(staged),
+                              "artifact_path": artifact_path}
+                else:
+                    record = {"type": "terminate", "status": entry.payload}
+                f.write(json.dumps(record) + "\n")
+        return path
+
+
+def _get_or_create_experiment(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # created meanwhile by another process
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str | None = None) -> str:
+    """Send a fallback file written by `MLflowSink.close` to MLflow, synchronously; return the run id.
+
+    The target run: ``run_id`` if given, else the file's run if it exists under the tracking URI
+    (``tracking_uri``, else the file's), else a new run in the file's experiment. Metrics keep their
+    steps and timestamps (re-sending ones that did arrive does not duplicate them in SQL stores).
+    Raises on any MLflow error.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records or records[0].get("type") != "header":
+        raise ValueError(f"{path!r} is not a sparsity_callbacks MLflow fallback file (no header line).")
+    header = records[0]
+    if header.get("version") != _FALLBACK_VERSION:
+        raise ValueError(
+            f"{path!r} has fallback format version {header.get('version')!r}; expected {_FALLBACK_VERSION}."
+        )
+    uri = tracking_uri or header.get("tracking_uri")
+    client = MlflowClient(uri)
+    target = run_id
+    if target is None and header.get("run_id"):
+        try:
+            client.get_run(header["run_id"])
+            target = header["run_id"]
+        except MlflowException:
+            target = None
+    if target is None:
+        if header.get("experiment"):
+            experiment_id = _get_or_create_experiment(client, header["experiment"])
+        else:
+            experiment_id = header.get("experiment_id") or "0"
+        target = client.create_run(experiment_id, run_name=header.get("run_name")).info.run_id
+        _log.info("_replay_fallback: created run %s in experiment %s at %s.", target, experiment_id, uri)
+
+    metrics: list[Any] = []
+
+    def flush_metrics() -> None:
+        for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+            client.log_batch(target, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+        metrics.clear()
+
+    for record in records[1:]:
+        kind = record["type"]
+        if kind == "metrics":
+            metrics.extend(Metric(k, v, t, s) for k, v, t, s in record["metrics"])
+            continue
+        flush_metrics()
+        if kind == "params":
+            items = list(record["params"].items())
+            for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+                client.log_batch(target, params=[Param(k, v) for k, v in items[i : i + _MAX_PARAMS_PER_BATCH]])
+        elif kind == "artifact":
+            with tempfile.TemporaryDirectory() as tmp:
+                named = os.path.join(tmp, record["name"])
+                shutil.copy2(record["path"], named)
+                client.log_artifact(target, named, record["artifact_path"])
+        elif kind == "terminate":
+            client.set_terminated(target, record["status"])
+    flush_metrics()
+    return target

@@ -1,0 +1,152 @@
+"""Shared fixtures: a real MLflow tracking server and a local sqlite tracking store (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+#: seconds to wait for `mlflow server` to answer /health (about 5-10 s on a 2-core machine).
+_SERVER_START_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{uri}/health", timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class MlflowServer:
+    """A real ``mlflow server`` subprocess on 127.0.0.1 with a sqlite backend and proxied artifacts.
+
+    `stop` kills the whole process group (the server spawns a uvicorn worker) like a crash; `start` again
+    reuses the same port and the same sqlite file, as a restarted server would.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.backend_uri = f"sqlite:///{self.root / 'mlflow.db'}"
+        self._process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> "MlflowServer":
+        env = dict(os.environ)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner processes
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self._log = open(self.root / "server.log", "ab")
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", self.backend_uri,
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--workers", "1",
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            command, cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
+        while not _healthy(self.uri):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self._process.returncode}; see {self.root}/server.log")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not answer within {_SERVER_START_TIMEOUT_S} s")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait(timeout=30)
+        self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        deadline = time.monotonic() + 10
+        while _healthy(self.uri) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI (``http://127.0.0.1:<port>``) of a real MLflow server shared by the session."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server_factory(tmp_path):
+    """``make(port=None) -> MlflowServer`` (started); every server made is stopped after the test."""
+    servers: list[MlflowServer] = []
+
+    def make(port: int | None = None, root: Path | None = None) -> MlflowServer:
+        server = MlflowServer(root or tmp_path / f"server{len(servers)}", port)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite database with its tables created (creating them takes seconds): copy it
+    to get a fresh store quickly."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
+    """A fresh local ``sqlite:///.../mlflow.db`` tracking URI, set as MLflow's current one (the working
+    directory is ``tmp_path``); the previous tracking URI, experiment and active runs are restored."""
+    import mlflow
+    from mlflow.tracking import _tracking_service, fluent
+
+    old_uri = _tracking_service.utils._tracking_uri
+    old_experiment = fluent._active_experiment_id
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # anything falling back to ./mlflow.db lands in tmp_path
+    shutil.copyfile(mlflow_sqlite_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(old_uri)
+        fluent._active_experiment_id = old_experiment

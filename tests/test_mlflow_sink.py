@@ -1,0 +1,275 @@
+"""`MLflowSink` against real MLflow: a local sqlite store and real `mlflow server` processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import warnings
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sparsity_callbacks.config import SparsityConfig
+from sparsity_callbacks.sinks.mlflow import MLflowSink, MLflowSinkWarning, _replay_fallback, _sanitise_key
+
+STEPS = (0, 10, 20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(step: int) -> dict[str, float]:
+    return {
+        "sparsity/changed_fraction": 0.01 * step,
+        "sparsity/ever_changed_fraction": 0.02 * step,
+        "sparsity/module/self_attn.q_proj/changed_fraction": 0.005 * step,
+        "sparsity/layer/0/changed_fraction": 0.001 * step,
+    }
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _unreachable_warnings(records) -> list[warnings.WarningMessage]:
+    return [w for w in records if issubclass(w.category, MLflowSinkWarning) and "unreachable" in str(w.message)]
+
+
+def test_metrics_params_and_artifacts_reach_the_server(mlflow_server, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"changed_fraction": 0.2}))
+    sink = MLflowSink(tracking_uri=mlflow_server, experiment="sink-basic", run_name="basic")
+    sink.log_params(SparsityConfig(mode="exact").to_params())
+    for step in STEPS:
+        sink.log_metrics(_metrics(step), step=step)
+    sink.log_artifact(str(report))
+    report.unlink()  # the sink took its own link/copy
+    assert sink.flush(timeout=60)
+    run_id = sink.run_id
+    sink.close()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "basic"
+    assert client.get_experiment(run.info.experiment_id).name == "sink-basic"
+    assert run.data.params["sparsity.mode"] == "exact"
+    assert run.data.params["sparsity.every_n_steps"] == "None"
+    for key, value in _metrics(20).items():
+        assert _history(client, run_id, key) == [(s, pytest.approx(_metrics(s)[key])) for s in STEPS]
+        assert run.data.metrics[key] == pytest.approx(value)
+    assert [a.path for a in client.list_artifacts(run_id, "sparsity")] == ["sparsity/report.json"]
+    downloaded = client.download_artifacts(run_id, "sparsity/report.json", str(tmp_path))
+    assert json.loads(open(downloaded).read()) == {"changed_fraction": 0.2}
+
+
+def test_reuses_the_active_run_and_leaves_it_open(mlflow_local):
+    experiment_id = mlflow.set_experiment("hf-like").experiment_id
+    with mlflow.start_run() as active:
+        sink = MLflowSink()
+        sink.log_metrics(_metrics(10), step=10)
+        sink.close()
+        assert sink.run_id == active.info.run_id
+        assert MlflowClient().get_run(active.info.run_id).info.status == "RUNNING"
+    runs = MlflowClient().search_runs([experiment_id])
+    assert [r.info.run_id for r in runs] == [active.info.run_id]
+    assert runs[0].data.metrics["sparsity/changed_fraction"] == pytest.approx(0.1)
+
+
+def test_explicit_run_id_is_used_and_not_terminated(mlflow_local):
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    with mlflow.start_run():  # an unrelated active run must not win over the explicit id
+        sink = MLflowSink(run_id=run_id)
+        sink.log_metrics(_metrics(20), step=20)
+        sink.close()
+    assert _history(client, run_id, "sparsity/changed_fraction") == [(20, pytest.approx(0.2))]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_creates_its_own_run_and_finishes_it(mlflow_local):
+    sink = MLflowSink(experiment="own-run", run_name="sparsity")
+    for step in STEPS:
+        sink.log_metrics(_metrics(step), step=step)
+    sink.close()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("own-run")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == sink.run_id
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_name == "sparsity"
+    assert [s for s, _ in _history(client, sink.run_id, "sparsity/changed_fraction")] == list(STEPS)
+
+
+def test_own_run_uses_the_tracking_uri_env_read_at_first_use(mlflow_local, mlflow_sqlite_template, tmp_path,
+                                                              monkeypatch):
+    sink = MLflowSink()  # constructed before the env var is set
+    shutil.copyfile(mlflow_sqlite_template, tmp_path / "other.db")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    sink.log_metrics({"sparsity/changed_fraction": 0.5}, step=1)
+    sink.close()
+    assert sink.tracking_uri == other
+    assert _history(MlflowClient(other), sink.run_id, "sparsity/changed_fraction") == [(1, 0.5)]
+
+
+def test_disabled_sink_writes_nothing(mlflow_local, tmp_path):
+    artifact = tmp_path / "a.txt"
+    artifact.write_text("x")
+    sink = MLflowSink(enabled=False, experiment="should-not-exist")
+    sink.log_params({"a": "1"})
+    sink.log_metrics({"sparsity/changed_fraction": 0.5}, step=1)
+    sink.log_artifact(str(artifact))
+    assert sink.flush(timeout=1)
+    sink.close()
+    assert sink.run_id is None
+    client = MlflowClient()
+    assert client.get_experiment_by_name("should-not-exist") is None
+    assert client.search_runs(["0"]) == []
+    assert sink._worker is None
+
+
+def test_keys_are_sanitised_with_a_single_warning(mlflow_local):
+    bad = {"sparsity/tensor/h[0].attn/changed_fraction": 0.1, "sparsity//weird key?": 0.2, "ok/key": 0.3}
+    sink = MLflowSink(experiment="keys")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        sink.log_metrics(bad, step=1)
+        sink.log_metrics(bad, step=2)
+    renamed = [w for w in records if "renamed" in str(w.message)]
+    assert len(renamed) == 1
+    assert "'sparsity//weird key?' -> 'sparsity/weird key_'" in str(renamed[0].message)
+    sink.close()
+    metrics = MlflowClient().get_run(sink.run_id).data.metrics
+    assert set(metrics) == {"sparsity/tensor/h_0_.attn/changed_fraction", "sparsity/weird key_", "ok/key"}
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [("a/b", "a/b"), ("/a//b/", "a/b"), ("a/./b", "a/_/b"), ("..a", "_.a"), ("é:x", "_:x"), ("", "_")],
+)
+def test_sanitise_key(key, expected):
+    assert _sanitise_key(key) == expected
+
+
+def test_large_payloads_are_split_into_mlflow_sized_batches(mlflow_local):
+    sink = MLflowSink(experiment="big")
+    params = {f"p{i}": str(i) for i in range(250)}
+    metrics = {f"m/{i}": float(i) for i in range(2500)}
+    sink.log_params(params)
+    sink.log_metrics(metrics, step=3)
+    sink.log_metrics({"m/0": 1.0}, step=4)
+    assert sink.flush(timeout=120)
+    sink.close()
+    run = MlflowClient().get_run(sink.run_id)
+    assert run.data.params == params
+    assert len(run.data.metrics) == 2500
+    assert _history(MlflowClient(), sink.run_id, "m/0") == [(3, 0.0), (4, 1.0)]
+
+
+def test_non_numeric_values_are_skipped_and_tensors_accepted(mlflow_local):
+    sink = MLflowSink(experiment="values")
+    with pytest.warns(MLflowSinkWarning, match="non-numeric value"):
+        sink.log_metrics({"bad": "x", "good": torch.tensor(0.25)}, step=0)
+    sink.close()
+    assert MlflowClient().get_run(sink.run_id).data.metrics == {"good": 0.25}
+
+
+def test_refused_data_is_kept_in_the_fallback_file(mlflow_local, tmp_path):
+    sink = MLflowSink(run_id="0123456789abcdef0123456789abcdef", fallback_dir=str(tmp_path / "fb"))
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for step in STEPS:
+            sink.log_metrics(_metrics(step), step=step)
+        assert not sink.flush(timeout=30)
+        sink.close(timeout=5)
+    refused = [w for w in records if "refused metrics" in str(w.message)]
+    assert len(refused) == 1
+    assert any("could not be delivered" in str(w.message) for w in records)
+    (path,) = (tmp_path / "fb").glob("sparsity_mlflow_fallback_*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sum(len(r["metrics"]) for r in rows if r["type"] == "metrics") == 3 * len(_metrics(0))
+
+
+def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_factory, caplog):
+    server = mlflow_server_factory()
+    sink = MLflowSink(tracking_uri=server.uri, experiment="outage", retry_interval_s=0.2)
+    caplog.set_level(logging.INFO, logger="sparsity_callbacks.sinks.mlflow")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for step in range(5):
+            sink.log_metrics({"loss/sparsity": float(step)}, step=step)
+        assert sink.flush(timeout=60)
+        run_id = sink.run_id
+
+        server.stop()
+        for step in range(5, 15):
+            sink.log_metrics({"loss/sparsity": float(step)}, step=step)
+            time.sleep(0.1)
+        assert not sink.flush(timeout=0.5)
+        assert len(_unreachable_warnings(records)) == 1
+
+        server.start()  # same port, same sqlite file
+        for step in range(15, 20):
+            sink.log_metrics({"loss/sparsity": float(step)}, step=step)
+        assert sink.flush(timeout=60)
+        sink.close()
+    assert len(_unreachable_warnings(records)) == 1
+    assert "buffered" in str(_unreachable_warnings(records)[0].message)
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    client = MlflowClient(server.uri)
+    assert _history(client, run_id, "loss/sparsity") == [(s, float(s)) for s in range(20)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_server, tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    retry = 0.5
+    sink = MLflowSink(tracking_uri=dead, experiment="never-back", run_name="lost", retry_interval_s=retry,
+                      fallback_dir=str(tmp_path))
+    mask = tmp_path / "mask.bin"
+    mask.write_bytes(b"\x01\x02")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        sink.log_params({"sparsity.mode": "exact"})
+        for step in range(10):
+            started = time.monotonic()
+            sink.log_metrics(_metrics(step), step=step)
+            # it only appends to a buffer: far less than one retry interval even with the server down
+            assert time.monotonic() - started < retry
+            time.sleep(0.05)
+        assert sink.run_id is None  # its run could not be created: the server is down
+        sink.log_artifact(str(mask))
+        sink.close(timeout=1.0)
+    assert len(_unreachable_warnings(records)) == 1
+    (fallback_warning,) = [w for w in records if "could not be delivered" in str(w.message)]
+    (path,) = tmp_path.glob("sparsity_mlflow_fallback_*.jsonl")
+    assert str(path) in str(fallback_warning.message) and "_replay_fallback" in str(fallback_warning.message)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["type"] == "header" and rows[0]["run_id"] is None and rows[0]["experiment"] == "never-back"
+    assert [row[3] for r in rows if r["type"] == "metrics" for row in r["metrics"]] == [
+        s for s in range(10) for _ in _metrics(s)
+    ]
+
+    run_id = _replay_fallback(str(path), tracking_uri=mlflow_server)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "never-back"
+    assert run.info.run_name == "lost" and run.info.status == "FINISHED"
+    assert run.data.params == {"sparsity.mode": "exact"}
+    for key in _metrics(0):
+        assert _history(client, run_id, key) == [(s, pytest.approx(_metrics(s)[key])) for s in range(10)]
+    assert [a.path for a in client.list_artifacts(run_id, "sparsity")] == ["sparsity/mask.bin"]
+    local = client.download_artifacts(run_id, "sparsity/mask.bin", str(tmp_path / "dl"))
+    assert open(local, "rb").read() == b"\x01\x02"
+    assert os.path.exists(str(path))
