@@ -1,0 +1,801 @@
+"""Streaming diff of two checkpoints: which elements of TUNED differ from BASE.
+
+Reads safetensors files chunk by chunk (``os.preadv`` into per-thread buffers, no memory map, so the
+page cache never counts against this process) and compares each chunk with numpy on a few threads:
+peak memory is a few MB, whatever the model size (``rank=True`` adds one float32 ΔW per tensor in
+flight; ``mask=True`` the mask itself, 1 bit per element). Each stored tensor is compared once.
+
+Example::
+
+    from sparsity_callbacks.diff import diff_checkpoints
+    result = diff_checkpoints("Qwen/Qwen2.5-0.5B", "runs/grpo/checkpoint-500", atol=(1e-5,),
+                              compare_dtype="bfloat16", mask=True)
+    result.measurement().changed_fraction            # fraction in [0, 1] of compared elements
+    result.mask.save("grpo_mask.safetensors")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsity_callbacks.masks import Mask
+from sparsity_callbacks.report import Measurement, TensorCounts
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "DiffResult",
+    "IncompatibleCheckpointsError",
+    "TensorDiff",
+    "TensorInfo",
+    "diff_checkpoints",
+    "open_checkpoint",
+]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_COMPARE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "float64": torch.float64}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_MAX_HEADER = 100 << 20
+_SIGNATURE_SAMPLES = 4096  # as `params._tensor_signature`
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found or read (missing, not safetensors, truncated)."""
+
+
+class IncompatibleCheckpointsError(ValueError):
+    """The two checkpoints cannot be compared (different architectures, nothing in common)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: where each tensor's bytes are
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: ``dtype`` is the safetensors code (``"F32"``, ``"BF16"``, ...); ``offset``
+    the absolute byte offset of its data in ``path``; ``nbytes`` its size in bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The stored tensors of a safetensors file, a (sharded) model folder or a Hub snapshot.
+    ``source`` is what the user gave, ``root`` the local path it resolved to."""
+
+    source: str
+    root: str
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({t.path for t in self.tensors.values()})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Index the tensors of ``source``: a ``.safetensors`` file, a Hugging Face model folder
+    (``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a Hub id
+    ``org/name[@revision]`` (downloaded with ``huggingface_hub.snapshot_download``, safetensors and
+    JSON only). Reads only the headers. Raises `CheckpointError` / `FileNotFoundError`."""
+    source = os.fspath(source)
+    root = _resolve(source)
+    files = _safetensors_files(root)
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for info in _read_header(path):
+            tensors.setdefault(info.name, info)  # a name stored twice is compared once (its first copy)
+    if not tensors:
+        raise CheckpointError(f"{source!r} holds no tensors.")
+    return Checkpoint(source=source, root=root, tensors=tensors)
+
+
+def _resolve(source: str) -> str:
+    if os.path.exists(source):
+        return source
+    if _HUB_ID.match(source) and not source.endswith((".safetensors", ".json")):
+        repo_id, _, revision = source.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as err:
+            raise CheckpointError(
+                f"{source!r} is not a local path, and downloading it from the Hugging Face Hub failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). HINT: check the "
+                "path or the repository id, and HF_TOKEN for private repositories."
+            ) from None
+    raise FileNotFoundError(f"{source!r} does not exist. HINT: pass a .safetensors file, a model folder, "
+                            "or a Hugging Face Hub id like `org/name`.")
+
+
+def _safetensors_files(root: str) -> list[str]:
+    if os.path.isfile(root):
+        return [root]
+    index = os.path.join(root, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
+                                  "corrupt; re-save the model with `save_pretrained`.") from None
+        files = sorted(set(weight_map.values()), key=lambda f: list(weight_map.values()).index(f))
+        paths = [os.path.join(root, f) for f in files]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise CheckpointError(f"{index!r} lists {len(missing)} shard(s) that are not there (e.g. "
+                                  f"{os.path.basename(missing[0])!r}). HINT: the download is incomplete.")
+        return paths
+    single = os.path.join(root, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
+    if not found:
+        others = [f for f in os.listdir(root) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = (f" It has {others[:3]}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
+                if others else "")
+        raise CheckpointError(f"No .safetensors file in {root!r}.{hint}")
+    return found
+
+
+def _read_header(path: str) -> list[TensorInfo]:
+    hint = "HINT: the file is truncated or not safetensors; re-download or re-save it."
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path!r} is too short to be a safetensors file ({size} bytes). {hint}")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path!r} is not a safetensors file (header length {header_len}). {hint}")
+            header = json.loads(handle.read(header_len))
+    except OSError as err:
+        raise CheckpointError(f"Cannot read {path!r}: {err}.") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path!r} has a corrupt safetensors header ({err}). {hint}") from None
+    data_start = 8 + header_len
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            info = TensorInfo(name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path,
+                              data_start + begin, end - begin)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path!r}: corrupt header entry for tensor {name!r}. {hint}") from None
+        if data_start + end > size or end < begin:
+            raise CheckpointError(f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, "
+                                  f"the file has {size}. {hint}")
+        dtype = info.torch_dtype
+        if dtype is not None and info.nbytes != info.numel * dtype.itemsize:
+            raise CheckpointError(f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
+                                  f"{list(info.shape)} of {info.dtype}. {hint}")
+        infos.append(info)
+    return infos
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TensorDiff:
+    """Diff of one tensor. ``changed``: elements whose bits differ (in ``compare_dtype``), with
+    NaN in both counted unchanged; ``within[i]``: elements with ``|tuned - base| > atols[i]``;
+    ``nonfinite``: NaN/inf elements of TUNED; ``rank``: numerical rank of ΔW (2-D tensors, on request)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    changed: int = 0
+    within: list[int] = field(default_factory=list)
+    nonfinite: int = 0
+    rank: int | None = None
+
+    @property
+    def max_rank(self) -> int | None:
+        return min(self.shape) if len(self.shape) == 2 else None
+
+    @property
+    def relative_rank(self) -> float | None:
+        """rank / min(shape), in [0, 1]."""
+        return self.rank / self.max_rank if self.rank is not None and self.max_rank else None
+
+
+@dataclass
+class DiffResult:
+    """What `diff_checkpoints` found. Counts are elements; fractions are of compared elements."""
+
+    base: str
+    tuned: str
+    atols: tuple[float, ...]
+    compare_dtype: str | None
+    tensors: dict[str, TensorDiff]
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
+    dtype_mismatch: dict[str, tuple[str, str]] = field(default_factory=dict)
+    not_float: dict[str, str] = field(default_factory=dict)
+    mask: Mask | None = None
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    # --- views -------------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{tensor name: why it was not compared}``."""
+        skipped = {n: "only in BASE" for n in self.only_in_base}
+        skipped.update({n: "only in TUNED" for n in self.only_in_tuned})
+        skipped.update({n: f"dtype {a} in BASE, {b} in TUNED (pass compare_dtype to compare them)"
+                        for n, (a, b) in self.dtype_mismatch.items()})
+        skipped.update({n: f"not floating point ({d})" for n, d in self.not_float.items()})
+        return skipped
+
+    def measurement(self, atol: float | None = None) -> Measurement:
+        """Counts as a `Measurement` (``mode="diff"``): elements changed exactly, or with
+        ``|tuned - base| > atol`` when ``atol`` is one of ``atols``."""
+        if atol is None:
+            counts = {n: t.changed for n, t in self.tensors.items()}
+        else:
+            if atol not in self.atols:
+                raise ValueError(f"`atol` must be one of {list(self.atols)} (the tolerances diffed), got {atol!r}.")
+            i = self.atols.index(atol)
+            counts = {n: t.within[i] for n, t in self.tensors.items()}
+        return Measurement(
+            step=None,
+            mode="diff",
+            tensors={n: TensorCounts(self.tensors[n].numel, c, c, 0) for n, c in counts.items()},
+            has_churn=False,
+            nonfinite=sum(t.nonfinite for t in self.tensors.values()),
+            skipped=self.skipped,
+        )
+
+    def rank_summary(self) -> dict[str, float] | None:
+        """Mean and min of rank / min(shape) over the 2-D tensors with a non-zero update."""
+        rel = [t.relative_rank for t in self.tensors.values() if t.relative_rank is not None and t.changed]
+        if not rel:
+            return None
+        return {"mean_relative_rank": sum(rel) / len(rel), "min_relative_rank": min(rel), "tensors": len(rel)}
+
+    def to_metrics(self, per_tensor: bool = False) -> dict[str, float]:
+        """``sparsity/...`` metrics: `Measurement.to_metrics()` of the exact diff, plus
+        ``sparsity/atol_<atol>/...changed_fraction`` per tolerance and ``sparsity/rank/...``."""
+        metrics = self.measurement().to_metrics(per_tensor=per_tensor)
+        for atol in self.atols:
+            for key, value in self.measurement(atol).to_metrics(per_tensor=per_tensor).items():
+                if key.endswith("/changed_fraction") and not key.endswith("ever_changed_fraction"):
+                    metrics[key.replace("sparsity/", f"sparsity/atol_{atol:g}/", 1)] = value
+        summary = self.rank_summary()
+        if summary:
+            metrics["sparsity/rank/mean_relative_rank"] = summary["mean_relative_rank"]
+            metrics["sparsity/rank/min_relative_rank"] = summary["min_relative_rank"]
+        return metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable result: `Measurement.to_dict()` of the exact diff (its ``tensors`` rows
+        extended with shape, dtype, ``within`` and rank), plus the per-atol groups and what was skipped."""
+        out = self.measurement().to_dict()
+        out.update({"kind": "sparsity_callbacks.diff", "base": self.base, "tuned": self.tuned,
+                    "atols": list(self.atols), "compare_dtype": self.compare_dtype})
+        for name, row in out["tensors"].items():
+            t = self.tensors[name]
+            row.update({"shape": list(t.shape), "dtype": t.dtype, "nonfinite": t.nonfinite,
+                        "within": {f"{a:g}": c for a, c in zip(self.atols, t.within)},
+                        "rank": t.rank, "max_rank": t.max_rank})
+        within = {}
+        for atol in self.atols:
+            m = self.measurement(atol)
+            within[f"{atol:g}"] = {
+                "atol": atol, "changed": m.changed, "changed_fraction": m.changed_fraction,
+                "module_types": {k: v.changed for k, v in sorted(m.by_module_type().items())},
+                "layers": {str(k): v.changed for k, v in sorted(m.by_layer().items())},
+            }
+        out["within_atol"] = within
+        out["rank"] = self.rank_summary()
+        out["only_in_base"] = list(self.only_in_base)
+        out["only_in_tuned"] = list(self.only_in_tuned)
+        out["dtype_mismatch"] = {n: list(v) for n, v in self.dtype_mismatch.items()}
+        out["not_float"] = dict(self.not_float)
+        out["seconds"] = self.seconds
+        out["bytes_read"] = self.bytes_read
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DiffResult":
+        """Inverse of `to_dict` (without the mask)."""
+        if data.get("kind") != "sparsity_callbacks.diff":
+            raise ValueError("Not a diff result: the JSON has no `kind: sparsity_callbacks.diff`.")
+        atols = tuple(float(a) for a in data["atols"])
+        tensors = {}
+        for name, row in data["tensors"].items():
+            tensors[name] = TensorDiff(
+                name, tuple(row["shape"]), row["dtype"], int(row["numel"]), int(row["changed"]),
+                [int(row["within"][f"{a:g}"]) for a in atols], int(row.get("nonfinite", 0)), row.get("rank"),
+            )
+        return cls(
+            base=data["base"], tuned=data["tuned"], atols=atols, compare_dtype=data.get("compare_dtype"),
+            tensors=tensors, only_in_base=list(data.get("only_in_base", [])),
+            only_in_tuned=list(data.get("only_in_tuned", [])),
+            dtype_mismatch={n: (v[0], v[1]) for n, v in data.get("dtype_mismatch", {}).items()},
+            not_float=dict(data.get("not_float", {})), seconds=float(data.get("seconds", 0.0)),
+            bytes_read=int(data.get("bytes_read", 0)),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+ProgressFn = Callable[[int, int, str], None]
+
+
+def diff_checkpoints(
+    base: str | os.PathLike | Checkpoint,
+    tuned: str | os.PathLike | Checkpoint,
+    *,
+    atol: float | Iterable[float] = (1e-5,),
+    compare_dtype: str | torch.dtype | None = None,
+    rank: bool = False,
+    mask: bool = False,
+    progress: bool | ProgressFn = False,
+    workers: int | None = None,
+    chunk_numel: int = 1 << 18,
+) -> DiffResult:
+    """Compare every floating-point tensor stored in both ``base`` and ``tuned``, streaming.
+
+    Args:
+        base, tuned: a ``.safetensors`` file, a model folder, a Hub id, or an opened `Checkpoint`.
+        atol: one tolerance or several (each gives its own count): changed iff ``|tuned - base| > atol``.
+        compare_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"float64"``): round both to
+            this dtype (to nearest even, as ``Tensor.to``) before comparing; bf16 counts fp32 drift below
+            one bf16 ulp as unchanged. ``None``: compare as stored; tensors whose dtypes differ are then
+            skipped (listed in ``skipped``).
+        rank: numerical rank of each 2-D update ΔW = tuned - base (float32, `torch.linalg.matrix_rank`,
+            None where ΔW has NaN/inf); holds the ΔW of the tensors in flight (4 bytes per element).
+        mask: also build the changed mask (bits differ, in ``compare_dtype``) as ``result.mask``, with the
+            base model's signatures so that it can freeze that model.
+        progress: ``True`` for a rich progress bar on stderr, or ``fn(done_bytes, total_bytes, name)``.
+        workers: threads reading and comparing chunks (default ``min(8, os.cpu_count())``).
+        chunk_numel: elements per chunk; memory is about ``workers * chunk_numel * 30`` bytes.
+
+    Raises:
+        IncompatibleCheckpointsError: shapes differ (another architecture) or nothing is comparable.
+        CheckpointError, FileNotFoundError: a checkpoint is missing or unreadable.
+    """
+    start_time = time.perf_counter()
+    atols = _atols(atol)
+    cdtype = _compare_dtype(compare_dtype)
+    chunk_numel = max(64, int(chunk_numel) // 64 * 64)
+    workers = _workers(workers)
+    a_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    b_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+    pairs, result = _plan(a_ckpt, b_ckpt, atols, cdtype)
+
+    jobs = [_Job(a, b, result.tensors[a.name], remaining=-(-a.numel // chunk_numel)) for a, b in pairs]
+    total_bytes = sum(a.nbytes + b.nbytes for a, b in pairs)
+    report, close_progress = _progress(progress, total_bytes)
+    engine = _Engine(cdtype, atols, chunk_numel, mask)
+    done_bytes = 0
+
+    def finish(job: _Job, lo: int, n: int, counts: tuple[int, list[int], int]) -> None:
+        nonlocal done_bytes
+        changed, within, nonfinite = counts
+        t = job.diff
+        t.changed += changed
+        t.within = [x + y for x, y in zip(t.within, within)]
+        t.nonfinite += nonfinite
+        job.remaining -= 1
+        if job.remaining == 0:
+            _finalize(job, rank)
+        done_bytes += n * (job.a_item + job.b_item)
+        report(done_bytes, t.name)
+
+    tasks = ((job, lo, min(chunk_numel, job.diff.numel - lo)) for job in jobs
+             for lo in range(0, job.diff.numel, chunk_numel))
+    try:
+        if workers == 1:
+            for job, lo, n in tasks:
+                _start(job, lo, rank, mask)
+                finish(job, lo, n, engine.chunk(job, lo, n))
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsity-diff") as pool:
+                inflight: deque = deque()
+                try:
+                    for job, lo, n in tasks:
+                        _start(job, lo, rank, mask)
+                        inflight.append((job, lo, n, pool.submit(engine.chunk, job, lo, n)))
+                        while len(inflight) >= 2 * workers:
+                            job_, lo_, n_, future = inflight.popleft()
+                            finish(job_, lo_, n_, future.result())
+                    while inflight:
+                        job_, lo_, n_, future = inflight.popleft()
+                        finish(job_, lo_, n_, future.result())
+                except BaseException:
+                    for *_, future in inflight:
+                        future.cancel()
+                    raise
+    finally:
+        engine.close()
+        close_progress()
+
+    result.bytes_read = done_bytes
+    if mask:
+        shapes = {n: t.shape for n, t in result.tensors.items()}
+        bits = {job.diff.name: torch.from_numpy(job.packed) for job in jobs}
+        signatures = {job.diff.name: job.signature for job in jobs if job.signature is not None}
+        metadata = {"source": "diff", "base": a_ckpt.source, "tuned": b_ckpt.source,
+                    "compare_dtype": result.compare_dtype, "criterion": "bits differ"}
+        result.mask = Mask._from_packed(bits, shapes, signatures, metadata)
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        return max(1, min(8, os.cpu_count() or 1))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"`workers` must be a positive integer or None, got {workers!r}.")
+    return workers
+
+
+def _atols(atol: float | Iterable[float]) -> tuple[float, ...]:
+    values = (atol,) if isinstance(atol, (int, float)) else tuple(atol)
+    out: list[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+            raise ValueError(f"`atol` must be finite numbers >= 0, got {value!r}.")
+        if float(value) not in out:
+            out.append(float(value))
+    return tuple(out)
+
+
+def _compare_dtype(value: str | torch.dtype | None) -> str | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else value
+    if name not in _COMPARE_DTYPES:
+        raise ValueError(f"`compare_dtype` must be one of {sorted(_COMPARE_DTYPES)} or None, got {value!r}.")
+    return name
+
+
+def _plan(a: Checkpoint, b: Checkpoint, atols: tuple[float, ...], cdtype: str | None):
+    """Pair the tensors, check the shapes; returns ``(pairs, DiffResult with zero counts)``."""
+    only_a = [n for n in a.tensors if n not in b.tensors]
+    only_b = [n for n in b.tensors if n not in a.tensors]
+    shape_mismatch = [(n, a.tensors[n].shape, b.tensors[n].shape) for n in a.tensors
+                      if n in b.tensors and a.tensors[n].shape != b.tensors[n].shape]
+    if shape_mismatch:
+        lines = "; ".join(f"{n}: {list(sa)} vs {list(sb)}" for n, sa, sb in shape_mismatch[:3])
+        raise IncompatibleCheckpointsError(
+            f"BASE and TUNED have different architectures: {len(shape_mismatch)} tensor(s) differ in shape "
+            f"({lines}{'; ...' if len(shape_mismatch) > 3 else ''}). HINT: diff a fine-tuned checkpoint "
+            "against the base model it was trained from."
+        )
+    pairs, tensors, dtype_mismatch, not_float = [], {}, {}, {}
+    for name, ai in a.tensors.items():
+        bi = b.tensors.get(name)
+        if bi is None:
+            continue
+        if not (ai.is_float and bi.is_float):
+            not_float[name] = ai.dtype if not ai.is_float else bi.dtype
+        elif ai.dtype != bi.dtype and cdtype is None:
+            dtype_mismatch[name] = (ai.dtype, bi.dtype)
+        else:
+            pairs.append((ai, bi))
+            shown = cdtype or str(ai.torch_dtype).removeprefix("torch.")
+            tensors[name] = TensorDiff(name, ai.shape, shown, ai.numel, 0, [0] * len(atols))
+    if not pairs:
+        why = []
+        if not (set(a.tensors) & set(b.tensors)):
+            why.append(f"no tensor name is in both (e.g. {list(a.tensors)[:2]} vs {list(b.tensors)[:2]})")
+        if dtype_mismatch:
+            first = next(iter(dtype_mismatch.values()))
+            why.append(f"{len(dtype_mismatch)} tensor(s) differ in dtype ({first[0]} vs {first[1]}): pass "
+                       f"--compare-dtype {_code_to_name(first[1])} to compare them")
+        if not_float:
+            why.append(f"{len(not_float)} tensor(s) are not floating point")
+        raise IncompatibleCheckpointsError(
+            f"Nothing to compare between {a.source!r} and {b.source!r}: {'; '.join(why) or 'no tensors'}."
+        )
+    result = DiffResult(
+        base=a.source, tuned=b.source, atols=atols, compare_dtype=cdtype, tensors=tensors,
+        only_in_base=only_a, only_in_tuned=only_b, dtype_mismatch=dtype_mismatch, not_float=not_float,
+    )
+    return pairs, result
+
+
+def _code_to_name(code: str) -> str:
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(code, "float32")
+
+
+def _progress(progress: bool | ProgressFn, total: int):
+    if callable(progress):
+        return (lambda done, name: progress(done, total, name)), (lambda: None)
+    if not progress:
+        return (lambda done, name: None), (lambda: None)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("diff"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+    task = bar.add_task("", total=total)
+    bar.start()
+    last = [0.0]
+
+    def report(done: int, name: str) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.1 or done >= total:
+            last[0] = now
+            bar.update(task, completed=done, description=name)
+
+    return report, bar.stop
+
+
+@dataclass(eq=False)
+class _Job:
+    """One tensor pair in flight. ``packed``: its mask bits; ``delta``: ΔW for ``rank``; ``samples``:
+    ``(first element, raw values)`` of the elements `params._tensor_signature` samples."""
+
+    a: TensorInfo
+    b: TensorInfo
+    diff: TensorDiff
+    remaining: int = 0
+    packed: np.ndarray | None = None
+    delta: np.ndarray | None = None
+    samples: list = field(default_factory=list)
+    signature: str | None = None
+
+    @property
+    def a_item(self) -> int:
+        return self.a.torch_dtype.itemsize
+
+    @property
+    def b_item(self) -> int:
+        return self.b.torch_dtype.itemsize
+
+
+def _start(job: _Job, lo: int, rank: bool, mask: bool) -> None:
+    """Allocate a job's outputs before its first chunk is submitted."""
+    if lo:
+        return
+    numel = job.diff.numel
+    if mask:
+        job.packed = np.zeros((numel + 7) // 8, dtype=np.uint8)
+    if rank and len(job.diff.shape) == 2:
+        job.delta = np.empty(numel, dtype=np.float32)
+
+
+def _finalize(job: _Job, rank: bool) -> None:
+    """After a tensor's last chunk: its rank and its mask signature."""
+    t = job.diff
+    if job.delta is not None:
+        delta = torch.from_numpy(job.delta).view(t.shape)
+        if not t.changed:
+            t.rank = 0
+        elif bool(torch.isfinite(delta).all()):  # NaN/inf updates have no rank
+            t.rank = int(torch.linalg.matrix_rank(delta))
+        job.delta = None
+    if job.samples:
+        raw = torch.from_numpy(np.concatenate([s for _, s in sorted(job.samples, key=lambda x: x[0])]))
+        if t.numel // _SIGNATURE_SAMPLES > 1:
+            # `_tensor_signature` converts a strided view, and torch turns NaN into other bf16 bits on
+            # strided than on contiguous input: convert a strided view too, so NaN samples agree.
+            spaced = torch.empty(2 * raw.numel(), dtype=raw.dtype)
+            spaced[::2] = raw
+            raw = spaced[::2]
+        sample = raw.view(job.a.torch_dtype).to(torch.bfloat16)
+        job.signature = _signature(t.shape, sample)
+        job.samples = []
+
+
+class _Engine:
+    """Reads and compares one chunk of one tensor pair; safe to call from several threads (each thread
+    has its own buffers; numpy releases the GIL in its loops and ``os.preadv`` does too)."""
+
+    def __init__(self, cdtype: str | None, atols: tuple[float, ...], chunk_numel: int, mask: bool) -> None:
+        self.cdtype = cdtype
+        self.atols = atols
+        self.chunk_numel = chunk_numel
+        self.mask = mask
+        self._local = threading.local()
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+    def _buf(self, kind: str, dtype: Any, n: int) -> np.ndarray:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        buf = buffers.get(kind)
+        if buf is None or buf.dtype != dtype:
+            size = self.chunk_numel * (8 if dtype == np.uint8 else 1)
+            buf = buffers[kind] = np.empty(size, dtype=dtype)
+        return buf[:n]
+
+    def _read(self, info: TensorInfo, lo: int, n: int, kind: str) -> np.ndarray:
+        item = info.torch_dtype.itemsize
+        raw = self._buf(kind, np.uint8, n * item)
+        _pread_exact(self._fd(info.path), raw, info.offset + lo * item, info.path)
+        return raw
+
+    def chunk(self, job: _Job, lo: int, n: int) -> tuple[int, list[int], int]:
+        """Counts of elements ``[lo, lo + n)``: ``(changed, [|Δ| > atol per atol], nonfinite in TUNED)``;
+        writes the mask bits, ΔW and signature samples into ``job``."""
+        raw_a = self._read(job.a, lo, n, "raw_a")
+        raw_b = self._read(job.b, lo, n, "raw_b")
+        if self.mask:
+            sample = _signature_sample(raw_a.view(_NP_INT[job.a_item]), lo, job.diff.numel)
+            if sample is not None:
+                job.samples.append((lo, sample))
+        target = self.cdtype or _CODE_NAME[job.a.dtype]
+        bits_a, va = _as_compared(raw_a, job.a.dtype, target, self, "a")
+        bits_b, vb = _as_compared(raw_b, job.b.dtype, target, self, "b")
+        ne = self._buf("ne", np.bool_, n)
+        np.not_equal(bits_a, bits_b, out=ne)
+        changed = int(np.count_nonzero(ne))
+        delta = job.delta[lo:lo + n] if job.delta is not None else None
+        if changed == 0:
+            if delta is not None:
+                delta.fill(0.0)
+            finite = bool(np.isfinite(vb.max()) and np.isfinite(vb.min())) if n else True
+            return 0, [0] * len(self.atols), 0 if finite else n - int(np.count_nonzero(np.isfinite(vb)))
+        d = self._buf("d64" if va.dtype == np.float64 else "d32", va.dtype, n)
+        np.subtract(vb, va, out=d)
+        if delta is not None:
+            np.copyto(delta, d, casting="same_kind")
+        np.abs(d, out=d)
+        largest = d.max()
+        if np.isfinite(largest):
+            # No NaN/inf anywhere (|Δ| would not be finite), so |Δ| > atol implies that the bits differ.
+            gt = self._buf("gt", np.bool_, n)
+            within = [0 if largest <= atol else int(np.count_nonzero(np.greater(d, atol, out=gt))) for atol in self.atols]
+            nonfinite = 0
+        else:
+            # Only for chunks holding NaN/inf: NaN in both counts as unchanged (DESIGN.md).
+            np.logical_and(ne, ~(np.isnan(va) & np.isnan(vb)), out=ne)
+            changed = int(np.count_nonzero(ne))
+            with np.errstate(invalid="ignore"):
+                within = [int(np.count_nonzero(ne & ~(d <= atol))) for atol in self.atols]
+            nonfinite = n - int(np.count_nonzero(np.isfinite(vb)))
+            if delta is not None:
+                delta[~ne] = 0.0
+        if self.mask:
+            job.packed[lo // 8: lo // 8 + (n + 7) // 8] = np.packbits(ne, bitorder="little")
+        return changed, within, nonfinite
+
+
+_CODE_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "F8_E4M3": "float32", "F8_E5M2": "float32"}
+_NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _as_float32(raw: np.ndarray, code: str) -> np.ndarray:
+    """Exact float32 values of stored ``code`` bytes (float64 is rounded to nearest even, as ``Tensor.to``)."""
+    if code == "F32":
+        return raw.view(np.float32)
+    if code == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if code == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if code == "F64":
+        return raw.view(np.float64).astype(np.float32)
+    return torch.from_numpy(raw).view(_DTYPES[code]).float().numpy()  # float8: numpy has no such dtype
+
+
+def _round_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even, NaN -> 0x7FC0: c10's ``round_to_nearest_even``."""
+    u = values.view(np.uint32)
+    out = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _as_compared(raw: np.ndarray, code: str, target: str, engine: _Engine, side: str):
+    """``(bits, values)`` of stored ``code`` bytes in the ``target`` dtype: integer bits to compare, and
+    float32 (float64 for a float64 target) values for ``|Δ|``."""
+    if target == "float64":
+        values = raw.view(np.float64) if code == "F64" else _as_float32(raw, code).astype(np.float64)
+        return values.view(np.int64), values
+    if target == "float32":
+        values = _as_float32(raw, code)
+        return values.view(np.int32), values
+    if target == "float16":
+        half = raw.view(np.float16) if code == "F16" else _as_float32(raw, code).astype(np.float16)
+        return half.view(np.int16), half.astype(np.float32)
+    # bfloat16
+    bits = raw.view(np.uint16) if code == "BF16" else _round_bf16(_as_float32(raw, code))
+    return bits.view(np.int16), (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _pread_exact(fd: int, out: np.ndarray, offset: int, path: str) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows
+            data = os.pread(fd, len(view) - done, offset + done) if hasattr(os, "pread") else b""
+            view[done: done + len(data)] = data
+            got = len(data)
+        if got <= 0:
+            raise CheckpointError(f"{path!r} ended early (truncated while reading?). HINT: re-download or re-save it.")
+        done += got
+
+
+def _signature_sample(raw: np.ndarray, lo: int, numel: int) -> np.ndarray | None:
+    """Raw values (integer view) of this chunk's elements that `params._tensor_signature` samples:
+    indices ``k * stride`` for ``k < 4096``, ``stride = max(1, numel // 4096)``."""
+    stride = max(1, numel // _SIGNATURE_SAMPLES)
+    end = min(lo + raw.shape[0], _SIGNATURE_SAMPLES * stride, numel)
+    start = -(-lo // stride) * stride
+    if start >= end:
+        return None
+    return raw[start - lo: end - lo: stride].copy()
+
+
+def _signature(shape: tuple[int, ...], sample: torch.Tensor) -> str:
+    """The digest `params._tensor_signature` gives the full tensor (its bf16-rounded samples; tested)."""
+    digest = hashlib.sha256(str(tuple(shape)).encode())
+    digest.update(sample.contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
