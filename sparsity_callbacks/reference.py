@@ -167,8 +167,28 @@ def _new_host_buffer(numel: int, dtype: torch.dtype, pin: bool, path: str | None
     return buffer.pin_memory() if pin else buffer
 
 
+HOST_RAM_LIMIT_ENV = "SPARSITY_CALLBACKS_HOST_RAM_LIMIT"
+
+
 def _available_host_bytes() -> int:
-    """Host RAM available to this process now, in bytes (MemAvailable on Linux)."""
+    """Host RAM available to this process now, in bytes: MemAvailable on Linux, capped by the environment
+    variable ``SPARSITY_CALLBACKS_HOST_RAM_LIMIT`` (bytes; e.g. a container's share, or a test) when set."""
+    import os
+
+    limit = os.environ.get(HOST_RAM_LIMIT_ENV)
+    available = _system_available_bytes()
+    if limit:
+        try:
+            value = int(float(limit))
+        except ValueError:
+            raise ValueError(f"{HOST_RAM_LIMIT_ENV}={limit!r} must be a number of bytes (e.g. 8e9).") from None
+        if value < 0:
+            raise ValueError(f"{HOST_RAM_LIMIT_ENV}={limit!r} must be >= 0 bytes.")
+        available = min(available, value)
+    return available
+
+
+def _system_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -6,16 +6,29 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from sparsity_callbacks._bits import _pack_bits, _popcount, _unpack_bits
 from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.masks import Mask
-from sparsity_callbacks.params import _collect_parameters, _is_sharded, _tensor_signature, _TrackedTensor
+from sparsity_callbacks.params import (
+    _clean_name,
+    _collect_parameters,
+    _global_shape,
+    _local_signature_samples,
+    _local_tensor,
+    _signature_digest,
+    _skip_reason,
+    _tensor_signature,
+    _TrackedTensor,
+)
 from sparsity_callbacks.reference import (
+    HOST_RAM_LIMIT_ENV,
     _available_host_bytes,
     _chunks,
     _FINGERPRINT_DTYPES,
@@ -36,11 +49,6 @@ _STATE_FORMAT = "sparsity_callbacks.tracker_state"
 _STATE_VERSION = 1
 _COMPILE_AUTO_NUMEL = 10_000_000
 _MAX_HISTORY = 4096
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def _popcount(packed: torch.Tensor) -> torch.Tensor:
-    return _POPCOUNT.to(packed.device)[packed.long()].sum()
 
 
 @dataclass
@@ -76,7 +84,23 @@ class SparsityTracker:
     ``fingerprint`` holds ``fingerprint_bits / 8`` bytes per element on the parameter's device. Both
     add 1 bit per element (ever-changed) and, with ``track_churn``, ``fingerprint_bits / 8`` bytes
     per element on the device. One measurement needs at most about ``chunk_numel * (2 * itemsize + 3)``
-    bytes of extra device memory.
+    bytes of extra device memory. `snapshot` checks the memory first: ``exact`` against the host RAM
+    available (MemAvailable, capped by the environment variable ``SPARSITY_CALLBACKS_HOST_RAM_LIMIT``
+    in bytes when set, read at each snapshot), ``fingerprint`` on CUDA against the free device memory;
+    a mode that cannot fit raises `MemoryError` with the numbers and the alternatives.
+
+    Distributed: every rank must call `snapshot`, `measure`, `ever_changed_mask` and `changed_mask`
+    alike (they run collectives when parameters are sharded). DDP replicas are measured locally and
+    counted once. Sharded parameters (FSDP2 ``Shard(0)`` DTensors, FSDP1 with ``use_orig_params=True``,
+    DeepSpeed ZeRO-3) are measured on each rank's shard; the counts are summed over ranks (a torchmetrics
+    ``Metric`` with ``dist_reduce_fx="sum"``; replicated shards, as in HSDP, are counted once) and
+    ``numel`` is the full tensor's. Masks are gathered: every rank gets the full mask (rank 0 saves it).
+    ``signatures`` are those of the full tensors (the samples are gathered at the snapshot), equal to a
+    single-process run's, so masks move between single-process and sharded runs. ``reference(name)``
+    and the saved state (`state_dict`, one file per rank) hold this rank's shard only.
+
+    A trainable floating-point parameter added after the snapshot (e.g. a new head or adapter) is not
+    tracked: `measure` warns once per tracker, naming it, and keeps measuring the tracked ones.
     """
 
     def __init__(self, model: torch.nn.Module, config: SparsityConfig | None = None, **overrides: Any) -> None:
@@ -91,6 +115,7 @@ class SparsityTracker:
         self._has_previous = False
         self._reference_nonfinite = 0
         self._warned: set[str] = set()
+        self._rank_layouts: list[list[tuple[int, int]]] | None = None  # per rank: (start, count) per sharded tensor
         self._chunk = max(8, self.config.chunk_numel // 8 * 8)
         numel = sum(t.local().numel() for t in self.tracked)
         use_compile = self.config.compile if self.config.compile is not None else numel >= _COMPILE_AUTO_NUMEL
@@ -118,6 +143,7 @@ class SparsityTracker:
     def snapshot(self) -> None:
         """Take the reference: the current values of every tracked parameter. Resets the ever-changed
         mask, churn and history. Call it before the first optimizer step."""
+        self._current_parameters()  # the model's Parameter objects now (`to_empty` replaces them)
         self._check_materialised()
         self.mode, self.mode_reason = self._choose_mode()
         _log.info("sparsity_callbacks: mode=%s (%s)", self.mode, self.mode_reason)
@@ -127,6 +153,9 @@ class SparsityTracker:
             self._states[tracked.name], bad = self._snapshot_tensor(tracked)
             if bad:
                 nonfinite[tracked.name] = bad
+        for name, signature in self._full_signatures().items():
+            self._states[name].signature = signature
+        nonfinite = self._nonfinite_across_ranks(nonfinite)
         if nonfinite:
             first = next(iter(nonfinite))
             warnings.warn(
@@ -154,7 +183,7 @@ class SparsityTracker:
         for tracked in self.tracked:
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
-            counts = torch.zeros(4, dtype=torch.int64, device=flat.device)
+            counts = torch.zeros(5, dtype=torch.int64, device=flat.device)
             for start, end in _chunks(state.ever.numel() * 8, self._chunk):
                 changed, churn, nonfinite = self._run_chunk(flat, state, start, end, update=True)
                 counts[0] += _popcount(changed)
@@ -162,18 +191,19 @@ class SparsityTracker:
                 if churn is not None:
                     counts[2] += _popcount(churn)
             counts[3] = _popcount(state.ever)
+            counts[4] = state.numel
             rows.append(counts)
         totals = torch.stack([r.cpu() for r in rows])  # one sync per device
         totals = self._sum_across_ranks(totals)
         self._has_previous = True
         tensors = {
             t.name: TensorCounts(
-                numel=self._states[t.name].numel if not _is_sharded(t.param) else int(totals_numel),
+                numel=t.layout.numel,
                 changed=int(row[0]),
                 ever_changed=int(row[3]),
                 churn=int(row[2]) if has_churn else 0,
             )
-            for t, row, totals_numel in zip(self.tracked, totals.tolist(), self._numels_across_ranks())
+            for t, row in zip(self.tracked, totals.tolist())
         }
         nonfinite = int(totals[:, 1].sum())
         measurement = Measurement(
@@ -193,7 +223,7 @@ class SparsityTracker:
                 f"{nonfinite} tracked elements are NaN or inf at step {step} ({self._reference_nonfinite} at the "
                 f"snapshot; e.g. in {bad[:3]}): training has probably diverged. They count as changed unless the "
                 "reference had the same bits. HINT: lower the learning rate or enable gradient clipping.",
-                stacklevel=2,
+                stacklevel=3,  # past torch.no_grad's wrapper: the caller of measure()
             )
         self.last_measurement = measurement
         self._append_history(measurement)
@@ -202,13 +232,14 @@ class SparsityTracker:
     @torch.no_grad()
     def ever_changed_mask(self) -> Mask:
         """Elements detected as changed at any measurement so far (1 = changed), as a `Mask` carrying
-        the reference signatures. Sharded parameters give this rank's local shard."""
+        the reference signatures. Sharded parameters: the full mask, gathered, on every rank (a
+        collective: call it on every rank)."""
         self._require_snapshot()
-        tensors = {
-            name: _planar_to_bool_chunks(state.ever, self._chunk)[: state.numel].cpu().view(self._local_shape(name))
+        local = {
+            name: _planar_to_bool_chunks(state.ever, self._chunk)[: state.numel].cpu()
             for name, state in self._states.items()
         }
-        return Mask(tensors, signatures=self.signatures, metadata=self._mask_metadata("ever_changed"))
+        return self._full_mask(local, "ever_changed")
 
     @torch.no_grad()
     def changed_mask(self) -> Mask:
@@ -223,13 +254,16 @@ class SparsityTracker:
                 _planar_to_bool(self._run_chunk(flat, state, start, end, update=False)[0])
                 for start, end in _chunks(state.ever.numel() * 8, self._chunk)
             ]
-            tensors[tracked.name] = torch.cat(pieces)[: state.numel].cpu().view(self._local_shape(tracked.name))
-        return Mask(tensors, signatures=self.signatures, metadata=self._mask_metadata("changed"))
+            flags = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)  # an empty FSDP1 slice
+            tensors[tracked.name] = flags[: state.numel].cpu()
+        return self._full_mask(tensors, "changed")
 
     def reference(self, name: str) -> torch.Tensor | None:
-        """Reference values of a tracked parameter (CPU, compare dtype, local shape) in ``exact``
-        mode; None in ``fingerprint`` mode, which keeps no values."""
+        """Reference values of a tracked parameter (CPU, compare dtype, local shape: this rank's flat
+        slice for sharded ones) in ``exact`` mode; None in ``fingerprint`` mode, which keeps no values.
+        ``name`` may be any name of a tied parameter."""
         self._require_snapshot()
+        name = self._primary_name(name)
         state = self._states[name]
         if self.mode != "exact":
             return None
@@ -247,6 +281,7 @@ class SparsityTracker:
             "mode_reason": self.mode_reason,
             "chunk": self._chunk,
             "has_previous": self._has_previous,
+            "reference_nonfinite": self._reference_nonfinite,
             "fingerprint_bits": self.config.fingerprint_bits,
             "history": self.history,
             "tensors": {
@@ -264,17 +299,19 @@ class SparsityTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict`: the original reference, ever-changed mask, churn state and history.
-        Raises `ValueError` when the state belongs to another model or is corrupt."""
+        Raises `ValueError` when the state belongs to another model or is corrupt (nothing is changed then)."""
         try:
             meta = json.loads(state["meta"])
             tensors = state["tensors"]
+            if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
+                raise TypeError("the meta data is not a JSON object with 'tensors'")
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"Not a SparsityTracker state ({type(err).__name__}: {err}).") from None
         if meta.get("format") != _STATE_FORMAT or meta.get("version") != _STATE_VERSION:
             raise ValueError(f"Not a SparsityTracker state of version {_STATE_VERSION}: format={meta.get('format')!r}, "
                              f"version={meta.get('version')!r}.")
         saved = meta["tensors"]
-        current = {t.name: list(self._local_shape_of(t)) for t in self.tracked}
+        current = {t.name: t for t in self.tracked}
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
         if missing or extra:
             raise ValueError(
@@ -282,52 +319,77 @@ class SparsityTracker:
                 f"not in the state {missing[:3]}, not in the model {extra[:3]}. HINT: resume with the same model "
                 "and SparsityConfig, or start over with tracker.snapshot()."
             )
-        for name, shape in current.items():
-            if saved[name]["shape"] != shape:
+        for name, tracked in current.items():
+            if tuple(saved[name]["shape"]) != tracked.shape:
                 raise ValueError(f"The tracker state was saved for another model: {name!r} has shape "
-                                 f"{saved[name]['shape']} in the state but {shape} in the model.")
-        if meta["fingerprint_bits"] != self.config.fingerprint_bits and meta["mode"] == "fingerprint":
+                                 f"{saved[name]['shape']} in the state but {list(tracked.shape)} in the model.")
+            if saved[name]["numel"] != tracked.layout.local_count:
+                raise ValueError(
+                    f"The tracker state was saved with another sharding: {name!r} has {saved[name]['numel']} elements "
+                    f"on this rank in the state but {tracked.layout.local_count} now. HINT: resume with the same "
+                    "number of ranks and the same FSDP/ZeRO wrapping (each rank loads its own state file)."
+                )
+        mode = meta.get("mode")
+        if mode not in ("exact", "fingerprint"):
+            raise ValueError(f"The tracker state is corrupt: mode={mode!r}.")
+        if meta["fingerprint_bits"] != self.config.fingerprint_bits and mode == "fingerprint":
             raise ValueError(f"The tracker state uses {meta['fingerprint_bits']}-bit fingerprints but the config asks "
                              f"for {self.config.fingerprint_bits}; use the same `fingerprint_bits` to resume.")
+        fp_dtype = _FINGERPRINT_DTYPES.get(meta["fingerprint_bits"])
+        # validate every tensor before touching any state, so a corrupt file leaves the tracker as it was
+        for tracked in self.tracked:
+            info = saved[tracked.name]
+            padded = _padded(info["numel"])
+            reference = tensors.get(f"reference/{tracked.name}")
+            ever = tensors.get(f"ever/{tracked.name}")
+            previous = tensors.get(f"previous/{tracked.name}")
+            expected = getattr(torch, str(info["dtype"]).removeprefix("torch."), None) if mode == "exact" else fp_dtype
+            problem = None
+            if reference is None or ever is None:
+                problem = "its reference or mask tensor is missing"
+            elif reference.numel() != padded or ever.numel() != padded // 8:
+                problem = (f"it has {reference.numel()} reference and {ever.numel()} mask elements, expected "
+                           f"{padded} and {padded // 8}")
+            elif reference.dtype != expected or ever.dtype != torch.uint8:
+                problem = f"its reference is {reference.dtype} (expected {expected}) and its mask {ever.dtype}"
+            elif previous is not None and (previous.numel() != padded or previous.dtype != fp_dtype):
+                problem = f"its churn state has {previous.numel()} {previous.dtype} elements"
+            if problem:
+                raise ValueError(f"The tracker state is corrupt: tensor {tracked.name!r}: {problem}. HINT: resume "
+                                 "from an earlier checkpoint, or start over with tracker.snapshot().")
+        self.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
         states = {}
         for tracked in self.tracked:
             info = saved[tracked.name]
             device = tracked.local().device
-            dtype = getattr(torch, info["dtype"].removeprefix("torch."))
             padded = _padded(info["numel"])
             reference = tensors[f"reference/{tracked.name}"]
             ever = tensors[f"ever/{tracked.name}"]
-            previous = tensors.get(f"previous/{tracked.name}")
-            expected_ref = padded
-            if reference.numel() != expected_ref or ever.numel() != padded // 8:
-                raise ValueError(f"The tracker state is corrupt: tensor {tracked.name!r} has {reference.numel()} "
-                                 f"reference and {ever.numel()} mask bytes, expected {expected_ref} and {padded // 8}.")
+            previous = tensors.get(f"previous/{tracked.name}") if self.config.track_churn else None
             if meta["chunk"] != self._chunk:
                 ever = _repack(ever, meta["chunk"], self._chunk)
-            if meta["mode"] == "exact":
+            if mode == "exact":
                 pin = device.type == "cuda"
                 host = _new_host_buffer(padded, reference.dtype, pin, self._reference_path(tracked.name))
                 host.copy_(reference)
                 reference = host
             else:
                 reference = reference.to(device)
-            if previous is not None and self.config.track_churn:
+            if previous is not None:
                 previous = previous.to(device)
-            elif self.config.track_churn:
-                previous = None
-            else:
-                previous = None
             states[tracked.name] = _TensorState(
-                numel=info["numel"], shape=tuple(info["shape"]), dtype=dtype, reference=reference,
+                numel=info["numel"], shape=tuple(info["shape"]), dtype=reference.dtype if mode == "exact" else
+                getattr(torch, str(info["dtype"]).removeprefix("torch.")), reference=reference,
                 previous=previous, ever=ever.to(device), signature=info["signature"],
             )
         self._states = states
-        self.mode = meta["mode"]
         self.mode_reason = meta["mode_reason"] + " (restored)"
+        self._reference_nonfinite = int(meta.get("reference_nonfinite", 0))
         self._has_previous = bool(meta["has_previous"]) and all(s.previous is not None for s in states.values())
         self.history = list(meta["history"])
+        self.last_measurement = None
         if self.config.track_churn and not all(s.previous is not None for s in states.values()):
-            for name, s in states.items():
+            for s in states.values():
                 s.previous = torch.zeros(s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits],
                                          device=s.ever.device)
             self._has_previous = False
@@ -387,10 +449,14 @@ class SparsityTracker:
         if cfg.reference_dir is not None:
             if cfg.mode == "fingerprint":
                 return "fingerprint", "mode='fingerprint' requested (reference_dir is ignored)"
-            return "exact", f"exact reference memory-mapped in {cfg.reference_dir} ({need / 2**30:.2f} GiB on disk)"
+            return "exact", f"exact reference memory-mapped in {cfg.reference_dir} ({_human(need)} on disk)"
         available = _available_host_bytes()
-        text = f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference, {available / 2**30:.2f} GiB available"
+        text = (f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference ({need:,} bytes), "
+                f"{_human(available)} available")
+        if os.environ.get(HOST_RAM_LIMIT_ENV):
+            text += f" ({HOST_RAM_LIMIT_ENV}={os.environ[HOST_RAM_LIMIT_ENV]})"
         if cfg.mode == "fingerprint":
+            self._check_device_memory()
             return "fingerprint", "mode='fingerprint' requested"
         if cfg.mode == "exact":
             if need > 0.9 * available:
@@ -405,7 +471,25 @@ class SparsityTracker:
         if cfg.atol > 0:
             raise MemoryError(f"atol={cfg.atol} needs an exact reference, which cannot fit: {text}. HINT: set "
                               "reference_dir=<folder> for a memory-mapped reference, or atol=0 with mode='fingerprint'.")
+        self._check_device_memory()
         return "fingerprint", f"auto: {text} (more than half), so {cfg.fingerprint_bits}-bit fingerprints on the device"
+
+    def _check_device_memory(self) -> None:
+        """``fingerprint`` keeps its state on the parameters' device: check it fits in the free CUDA memory."""
+        bytes_per_element = self.config.fingerprint_bits / 8 * (1 + self.config.track_churn) + 1 / 8
+        need: dict[torch.device, float] = {}
+        for t in self.tracked:
+            device = t.local().device
+            if device.type == "cuda":
+                need[device] = need.get(device, 0.0) + _padded(t.local().numel()) * bytes_per_element
+        for device, needed in need.items():
+            free, _ = torch.cuda.mem_get_info(device)
+            if needed > 0.9 * free:
+                raise MemoryError(
+                    f"mode='fingerprint' cannot fit on {device}: {needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB "
+                    "free. HINT: fingerprint_bits=8, track_churn=False, mode='exact' (host RAM) with reference_dir "
+                    "for a memory-mapped reference, or track fewer tensors with include/exclude."
+                )
 
     def _reference_path(self, name: str) -> str | None:
         if self.config.reference_dir is None or self.mode != "exact":
@@ -461,8 +545,9 @@ class SparsityTracker:
         )
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
-        """The tracked parameters as they are now, by name; raises when the model changed shape."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        """The tracked parameters as they are now, by name; raises when the model changed shape, warns
+        (once) about trainable parameters added after the snapshot, which are not tracked."""
+        params = {_clean_name(n): p for n, p in self.model.named_parameters(remove_duplicate=False)}
         for tracked in self.tracked:
             param = params.get(tracked.name)
             if param is None:
@@ -470,28 +555,50 @@ class SparsityTracker:
                     f"Parameter {tracked.name!r} was removed from the model after the snapshot. HINT: create a new "
                     "SparsityTracker and call snapshot() (the cumulative curve starts over)."
                 )
-            if tuple(param.shape) != tracked.shape:
+            shape = _global_shape(param)
+            if shape != tracked.shape:
                 raise ValueError(
-                    f"Parameter {tracked.name!r} changed shape from {list(tracked.shape)} to {list(param.shape)} after "
+                    f"Parameter {tracked.name!r} changed shape from {list(tracked.shape)} to {list(shape)} after "
                     "the snapshot. HINT: create a new SparsityTracker and call snapshot()."
                 )
             tracked.param = param
+        if "new_parameters" not in self._warned:
+            self._warn_new_parameters(params)
         return params
 
-    def _local_flat(self, param: torch.Tensor, name: str, state: _TensorState) -> torch.Tensor:
-        from sparsity_callbacks.params import _local_tensor
+    def _warn_new_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        known = {id(t.param) for t in self.tracked}
+        include = [re.compile(p) for p in self.config.include]
+        exclude = [re.compile(p) for p in self.config.exclude]
+        new = sorted(
+            name for name, param in params.items()
+            if id(param) not in known and _skip_reason(name, param, include, exclude) is None
+        )
+        if new:
+            self._warned.add("new_parameters")
+            warnings.warn(
+                f"{len(new)} trainable parameter(s) were added or unfrozen after the tracker was created and are NOT "
+                f"tracked (e.g. {new[:3]}); the fractions cover the {len(self.tracked)} tracked tensors only. HINT: "
+                "create the SparsityTracker after adding heads/adapters (e.g. after get_peft_model) and unfreezing, "
+                "or build a new tracker and call snapshot() (the cumulative curve starts over).",
+                stacklevel=5,  # _current_parameters <- measure <- torch.no_grad wrapper <- the caller
+            )
 
+    def _local_flat(self, param: torch.Tensor, name: str, state: _TensorState) -> torch.Tensor:
         local = _local_tensor(param).detach()
         if local.numel() != state.numel:
-            raise ValueError(f"Parameter {name!r} holds {local.numel()} local elements, {state.numel} at the snapshot.")
-        expected = state.dtype if self.config.compare_dtype is not None else state.dtype
+            raise ValueError(
+                f"Parameter {name!r} holds {local.numel()} elements on this rank, {state.numel} at the snapshot "
+                "(the sharding changed?). HINT: keep the FSDP/ZeRO wrapping fixed between snapshot and measure."
+            )
+        expected = state.dtype
         if self.config.compare_dtype is None and local.dtype != expected and f"dtype:{name}" not in self._warned:
             self._warned.add(f"dtype:{name}")
             warnings.warn(
                 f"Parameter {name!r} changed dtype from {expected} to {local.dtype} after the snapshot (e.g. "
                 f"model.half()); comparing in {expected}. Values that the cast rounded count as changed. HINT: set "
                 "compare_dtype to the dtype you save checkpoints in.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return local.reshape(-1)
 
@@ -499,23 +606,113 @@ class SparsityTracker:
         state = self._states[name]
         return state.shape if math.prod(state.shape) == state.numel else (state.numel,)
 
-    @staticmethod
-    def _local_shape_of(tracked: _TrackedTensor) -> tuple[int, ...]:
-        local = tracked.local()
-        return tracked.shape if local.numel() == math.prod(tracked.shape) else (local.numel(),)
+    def _distributed(self) -> bool:
+        """True when some tracked tensor is sharded over an initialised process group (then snapshot,
+        measure and the masks run collectives; the answer is the same on every rank)."""
+        return _dist_ready() and any(t.sharded for t in self.tracked)
 
     def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
-        """Sum the per-tensor counts over ranks when parameters are sharded (DDP replicas are counted once)."""
-        if not (_dist_ready() and any(_is_sharded(t.param) for t in self.tracked)):
+        """Per-tensor counts ``(n, 5)`` (changed, nonfinite, churn, ever, local numel) summed over ranks for
+        sharded tensors, each shard counted once; unsharded (DDP replica) rows stay local."""
+        if not self._distributed():
             return totals
         from sparsity_callbacks.metrics import _SparsityCounts
 
-        metric = _SparsityCounts(len(self.tracked))
+        metric = _SparsityCounts(len(self.tracked), columns=totals.shape[1]).to(_comm_device())
         metric.update(totals)
-        return metric.compute()
+        summed = metric.compute().cpu()
+        out = totals.clone()
+        for i, t in enumerate(self.tracked):
+            if not t.sharded:
+                continue
+            held = int(summed[i, 4])
+            if held % t.layout.numel:
+                raise RuntimeError(
+                    f"The ranks hold {held} elements of {t.name!r} in total, not a multiple of its {t.layout.numel}: "
+                    "the shards do not cover the tensor evenly. Is every rank measuring the same model?"
+                )
+            out[i] = summed[i] // (held // t.layout.numel)  # HSDP: each shard is held by several ranks
+        return out
 
-    def _numels_across_ranks(self) -> list[int]:
-        return [math.prod(t.shape) for t in self.tracked]
+    def _exchange(self, payload: Any) -> list[Any]:
+        """``payload`` of every rank (all_gather_object), in rank order."""
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, payload)
+        return gathered
+
+    def _full_signatures(self) -> dict[str, str]:
+        """Signatures of the full tensors: each rank contributes the samples in its shard."""
+        sharded = [t for t in self.tracked if t.sharded]
+        if not sharded:
+            return {}
+        samples = {t.name: _local_signature_samples(t.local().detach().reshape(-1), t.layout) for t in sharded}
+        layouts = [(t.layout.start, t.layout.local_count) for t in sharded]
+        if not _dist_ready():
+            everyone = [(layouts, samples)]
+        else:
+            everyone = self._exchange((layouts, samples))
+        self._rank_layouts = [rank_layouts for rank_layouts, _ in everyone]
+        out = {}
+        for t in sharded:
+            positions = torch.cat([rank_samples[t.name][0] for _, rank_samples in everyone])
+            values = torch.cat([rank_samples[t.name][1] for _, rank_samples in everyone])
+            order = positions.argsort()
+            positions, values = positions[order], values[order]
+            keep = torch.ones_like(positions, dtype=torch.bool)
+            keep[1:] = positions[1:] != positions[:-1]  # replicated shards (HSDP) send the same samples
+            out[t.name] = _signature_digest(t.shape, values[keep])
+        return out
+
+    def _nonfinite_across_ranks(self, nonfinite: dict[str, int]) -> dict[str, int]:
+        if not self._distributed():
+            return nonfinite
+        merged: dict[str, int] = {}
+        for rank_counts in self._exchange(nonfinite):
+            for name, count in rank_counts.items():
+                merged[name] = merged.get(name, 0) + count
+        return merged
+
+    def _full_mask(self, local: dict[str, torch.Tensor], kind: str) -> Mask:
+        """Per-tensor local flat bool flags -> `Mask` of full tensors (gathered over ranks when sharded)."""
+        by_name = {t.name: t for t in self.tracked}
+        packed: dict[str, torch.Tensor] = {}
+        sharded = [t for t in self.tracked if t.sharded]
+        if sharded and self._distributed():
+            if self._rank_layouts is None:
+                self._rank_layouts = self._exchange([(t.layout.start, t.layout.local_count) for t in sharded])
+            buffer = torch.cat([_pack_bits(local[t.name]) for t in sharded])
+            sizes = [sum((count + 7) // 8 for _, count in rank) for rank in self._rank_layouts]
+            device = _comm_device()
+            padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+            padded[: buffer.numel()] = buffer.to(device)
+            gathered = [torch.empty_like(padded) for _ in sizes]
+            torch.distributed.all_gather(gathered, padded)
+            gathered = [g.cpu() for g in gathered]
+            for i, t in enumerate(sharded):
+                full = torch.zeros(t.layout.numel, dtype=torch.bool)
+                for rank, rank_layout in enumerate(self._rank_layouts):
+                    offset = sum((count + 7) // 8 for _, count in rank_layout[:i])
+                    start, count = rank_layout[i]
+                    flags = _unpack_bits(gathered[rank][offset : offset + (count + 7) // 8], count)
+                    full[start : start + count] |= flags
+                packed[t.name] = _pack_bits(full)
+        for name, flags in local.items():
+            if name not in packed:
+                tracked = by_name[name]
+                if tracked.sharded and flags.numel() != tracked.layout.numel:
+                    raise RuntimeError(f"{name!r} is sharded but torch.distributed is not initialised: cannot gather "
+                                       "its mask. HINT: call ever_changed_mask() while the process group is up.")
+                packed[name] = _pack_bits(flags)
+        shapes = {t.name: t.shape for t in self.tracked}
+        return Mask._from_packed(packed, shapes, self.signatures, self._mask_metadata(kind))
+
+    def _primary_name(self, name: str) -> str:
+        if name in self._states:
+            return name
+        for t in self.tracked:
+            if name in t.aliases:
+                return t.name
+        raise KeyError(f"{name!r} is not a tracked parameter (tracked: {self.names[:5]}...).")
 
     def _append_history(self, m: Measurement) -> None:
         point = {"step": float(m.step if m.step is not None else len(self.history)),
@@ -531,18 +728,33 @@ class SparsityTracker:
                 "config": self.config.to_dict()}
 
 
+def _human(n: float) -> str:
+    """Bytes as GiB with the exact byte count (so small numbers never read as a bare "0.00 GiB")."""
+    return f"{n / 2**30:.2f} GiB ({int(n):,} bytes)"
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers must live: the current CUDA device for NCCL, else the CPU (gloo)."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _planar_to_bool_chunks(packed: torch.Tensor, chunk: int) -> torch.Tensor:
     """Planar-per-chunk packed bits of a whole tensor -> flat bool in element order."""
     step = chunk // 8
-    return torch.cat([_planar_to_bool(packed[i : i + step]) for i in range(0, packed.numel(), step)])
+    pieces = [_planar_to_bool(packed[i : i + step]) for i in range(0, packed.numel(), step)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool, device=packed.device)
 
 
 def _repack(packed: torch.Tensor, old_chunk: int, new_chunk: int) -> torch.Tensor:
     """Re-pack planar bits written with another chunk size."""
     flags = _planar_to_bool_chunks(packed, old_chunk)
     step = new_chunk
-    return torch.cat([_pack_planar(flags[i : i + step]) for i in range(0, flags.numel(), step)])
+    pieces = [_pack_planar(flags[i : i + step]) for i in range(0, flags.numel(), step)]
+    return torch.cat(pieces) if pieces else packed.new_zeros(0)
