@@ -41,13 +41,14 @@ def _as_bits(values: torch.Tensor) -> torch.Tensor:
 def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-element fingerprint: (raw bits as an integer) mod p, as uint8 (k=8) or int16 (k=16, offset by -32768).
 
-    The reduction runs in float32 arithmetic, exact for integers below 2**24, which vectorises where
-    integer division does not: x = hi * 2**16 + lo  ==>  x = hi * (2**16 mod p) + lo  (mod p).
+    Eager torch runs `torch.remainder` (one pass). Under `torch.compile` the reduction runs in float32
+    arithmetic instead, exact for integers below 2**24, which vectorises where integer division does
+    not: x = hi * 2**16 + lo  ==>  x = hi * (2**16 mod p) + lo  (mod p). Both give the same values.
     """
     p = _PRIMES[bits]
     x = _as_bits(values)
-    if values.element_size() == 8:
-        r = torch.remainder(x, p).to(torch.float32)
+    if values.element_size() == 8 or not torch.compiler.is_compiling():
+        r = torch.remainder(x if values.element_size() >= 4 else x.to(torch.int32), p)
     else:
         if values.element_size() == 4:
             r = ((x >> 16) * (65536 % p) + (x & 0xFFFF)).to(torch.float32)
@@ -97,9 +98,9 @@ def _kernel(
     bits: int,
     atol: float,
     update: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One chunk: returns packed (changed, churn or None, nonfinite); with ``update`` also ORs changed
-    into ``ever`` and stores the current fingerprint in ``previous`` (both in place)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: returns packed (changed, churn or None); with ``update`` also ORs changed into
+    ``ever`` and stores the current fingerprint in ``previous`` (both in place)."""
     fingerprint = _fingerprint(current, bits) if (fingerprint_reference or previous is not None) else None
     if fingerprint_reference:
         changed = _pack_planar(fingerprint != reference)
@@ -112,8 +113,7 @@ def _kernel(
             previous.copy_(fingerprint)
     if update:
         ever.bitwise_or_(changed)
-    nonfinite = _pack_planar(~torch.isfinite(current))
-    return changed, churn, nonfinite
+    return changed, churn
 
 
 @functools.lru_cache(maxsize=None)

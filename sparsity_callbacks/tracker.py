@@ -137,6 +137,11 @@ class SparsityTracker:
         return {name: s.signature for name, s in self._states.items()}
 
     @property
+    def is_sharded(self) -> bool:
+        """True when some tracked parameter is sharded across ranks (FSDP, ZeRO-3)."""
+        return any(_is_sharded(t.param) for t in self.tracked)
+
+    @property
     def is_snapshotted(self) -> bool:
         return bool(self._states)
 
@@ -185,15 +190,20 @@ class SparsityTracker:
             flat = self._local_flat(params[tracked.name], tracked.name, state)
             counts = torch.zeros(5, dtype=torch.int64, device=flat.device)
             for start, end in _chunks(state.ever.numel() * 8, self._chunk):
-                changed, churn, nonfinite = self._run_chunk(flat, state, start, end, update=True)
+                changed, churn = self._run_chunk(flat, state, start, end, update=True)
                 counts[0] += _popcount(changed)
-                counts[1] += _popcount(nonfinite)
                 if churn is not None:
                     counts[2] += _popcount(churn)
+            # NaN/inf anywhere makes the sum non-finite: one fast reduction, exact count only when needed.
+            counts[1] = ~torch.isfinite(flat.sum())
             counts[3] = _popcount(state.ever)
             counts[4] = state.numel
             rows.append(counts)
         totals = torch.stack([r.cpu() for r in rows])  # one sync per device
+        for row, tracked in zip(totals, self.tracked):
+            if row[1]:
+                row[1] = int((~torch.isfinite(self._local_flat(params[tracked.name], tracked.name,
+                                                               self._states[tracked.name]))).sum())
         totals = self._sum_across_ranks(totals)
         self._has_previous = True
         tensors = {

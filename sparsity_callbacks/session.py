@@ -1,0 +1,240 @@
+"""`_SparsitySession`: everything a framework callback does, written once for every framework.
+
+An adapter maps its framework's events onto these calls:
+``start`` (train begin) -> ``on_optimizer_step`` (after every optimizer step) -> ``save`` (checkpoint)
+-> ``end`` (train end). The session owns the tracker, the MLflow sink and the mask freezer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+
+from sparsity_callbacks.config import SparsityConfig
+from sparsity_callbacks.masks import Mask
+from sparsity_callbacks.report import PREFIX, Measurement
+from sparsity_callbacks.tracker import SparsityTracker
+
+_log = logging.getLogger("sparsity_callbacks")
+
+TRACKER_FILE = "sparsity_tracker.safetensors"
+FREEZE_MASK_FILE = "sparsity_freeze_mask.safetensors"
+
+
+def _state_file(directory: str, tracker: SparsityTracker) -> str:
+    """Where the tracker state lives in a checkpoint folder: one file for replicated parameters (DDP
+    replicas hold the same reference, so it is stored once), one per rank for sharded ones."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    if rank > 0 and tracker.is_sharded:
+        stem, ext = os.path.splitext(TRACKER_FILE)
+        return os.path.join(directory, f"{stem}.rank{rank}{ext}")
+    return os.path.join(directory, TRACKER_FILE)
+
+
+class _SparsitySession:
+    """Tracker + sink + freezer for one training run.
+
+    Args:
+        config: the options.
+        is_rank_zero: only rank 0 logs and writes shared files; every rank measures (sharded counts
+            are summed with a collective, so all ranks must call `on_optimizer_step` alike).
+        default_every_n_steps: the framework's logging interval, used when ``config.every_n_steps`` is None.
+        run_id / tracking_uri: log into this MLflow run (e.g. Lightning's MLFlowLogger); otherwise the
+            sink reuses ``mlflow.active_run()`` or starts one.
+    """
+
+    def __init__(
+        self,
+        config: SparsityConfig,
+        *,
+        is_rank_zero: bool,
+        default_every_n_steps: int,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        extra_params: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.is_rank_zero = is_rank_zero
+        self.every_n_steps = config.every_n_steps or max(1, int(default_every_n_steps))
+        self.tracker: SparsityTracker | None = None
+        self.freezer = None
+        self.freeze_source: str | None = None
+        self.last_measurement: Measurement | None = None
+        self._last_step: int | None = None
+        self._optimizers: list[Any] = []
+        self._model: torch.nn.Module | None = None
+        self._run_id = run_id or config.mlflow_run_id
+        self._tracking_uri = tracking_uri or config.mlflow_tracking_uri
+        self._extra_params = dict(extra_params or {})
+        self.sink = None
+
+    # --- events ----------------------------------------------------------------------------------
+    def start(self, model: torch.nn.Module, optimizers: list[Any], step: int, resume_dir: str | None = None) -> None:
+        """Train begin: snapshot (or restore the state saved in ``resume_dir``), open the sink,
+        attach the freezer when a mask is given."""
+        self._model = model
+        self._optimizers = [o for o in optimizers if o is not None]
+        self.tracker = SparsityTracker(model, self.config)
+        state_file = _state_file(resume_dir, self.tracker) if resume_dir else None
+        if state_file and os.path.exists(state_file):
+            self.tracker.load(state_file)
+            _log.info("sparsity_callbacks: resumed tracker state from %s (original reference kept)", state_file)
+        else:
+            if step > 0:
+                warnings.warn(
+                    f"Training starts at step {step} but no {TRACKER_FILE} was found"
+                    f"{' in ' + repr(resume_dir) if resume_dir else ''}: the reference is the current weights, "
+                    "not the original ones, so the cumulative curve starts over. HINT: resume from a checkpoint "
+                    "saved with the SparsityCallback attached.",
+                    stacklevel=3,
+                )
+            self.tracker.snapshot()
+        self._last_step = step
+        self._open_sink()
+        self._start_freeze(resume_dir)
+
+    def on_optimizer_step(self, step: int) -> Measurement | None:
+        """After optimizer step number ``step`` (1-based global step): measure on schedule (when ``step``
+        reached or passed a multiple of ``every_n_steps`` since the previous call: frameworks whose step
+        counter advances by more than one, e.g. Lightning's manual optimization with several optimizers),
+        discover and apply the freeze mask at ``freeze_after_steps``."""
+        if self.tracker is None:
+            return None
+        discover = (
+            self.config.freeze_mask == "discover" and self.freezer is None and step >= self.config.freeze_after_steps
+        )
+        previous, self._last_step = self._last_step, step
+        n = self.every_n_steps
+        due = step // n > previous // n if previous is not None and previous < step else step % n == 0
+        measurement = None
+        if due or discover:
+            measurement = self._measure(step)
+        if discover:
+            self._freeze(self._resolve_mask(), source=f"discover@{step}")
+            self._log_metrics({f"{PREFIX}frozen_fraction": self.freezer.frozen_fraction}, step)
+        return measurement
+
+    def save(self, directory: str) -> None:
+        """Write the tracker state (and the freeze mask) into a checkpoint folder."""
+        if self.tracker is None or not self.tracker.is_snapshotted:
+            return
+        os.makedirs(directory, exist_ok=True)
+        if self.is_rank_zero or self.tracker.is_sharded:
+            self.tracker.save(_state_file(directory, self.tracker))
+        if self.freezer is not None and self.is_rank_zero:
+            self._freeze_mask.save(os.path.join(directory, FREEZE_MASK_FILE))
+
+    def end(self, step: int) -> Measurement | None:
+        """Train end: a final measurement (unless this step was just measured), artifacts, flush."""
+        if self.tracker is None:
+            return None
+        measurement = self.last_measurement
+        if measurement is None or measurement.step != step:
+            measurement = self._measure(step)
+        if self.sink is not None and self.config.log_artifacts:
+            try:
+                self._log_artifacts(measurement)
+            except Exception as err:  # plots or disk trouble must not fail the end of training
+                warnings.warn(f"Could not write the sparsity artifacts: {type(err).__name__}: {err}", stacklevel=2)
+        self.close()
+        return measurement
+
+    def close(self) -> None:
+        if self.freezer is not None:
+            self.freezer.detach()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+    # --- internals -------------------------------------------------------------------------------
+    def _measure(self, step: int) -> Measurement:
+        measurement = self.tracker.measure(step)
+        self.last_measurement = measurement
+        self._log_metrics(measurement.to_metrics(per_tensor=self.config.per_tensor_metrics), step)
+        return measurement
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.sink is not None:
+            self.sink.log_metrics(metrics, step)
+
+    def _open_sink(self) -> None:
+        if not (self.config.log_to_mlflow and self.is_rank_zero):
+            return
+        try:
+            from sparsity_callbacks.sinks.mlflow import MLflowSink
+
+            self.sink = MLflowSink(
+                run_id=self._run_id, tracking_uri=self._tracking_uri, experiment=self.config.mlflow_experiment
+            )
+        except ImportError as err:
+            warnings.warn(f"{err} Sparsity metrics are not logged to MLflow (log_to_mlflow=False silences this).",
+                          stacklevel=3)
+            return
+        tracker = self.tracker
+        params = self.config.to_params()
+        params.update({
+            "sparsity.resolved_mode": tracker.mode,
+            "sparsity.tracked_tensors": str(len(tracker.tracked)),
+            "sparsity.tracked_elements": str(sum(t.layout.numel for t in tracker.tracked)),
+            "sparsity.skipped_tensors": str(len(tracker.skipped)),
+            "sparsity.every_n_steps": str(self.every_n_steps),
+        })
+        params.update(self._extra_params)
+        self.sink.log_params(params)
+
+    def _start_freeze(self, resume_dir: str | None) -> None:
+        source = self.config.freeze_mask
+        saved = os.path.join(resume_dir, FREEZE_MASK_FILE) if resume_dir else None
+        if saved and os.path.exists(saved):
+            # Resumed after freezing began: the weights outside the mask are still at their freeze-time values.
+            mask = Mask.load(saved)
+            self._freeze(mask, source=mask.metadata.get("freeze_source", str(source)))
+        elif source is not None and source != "discover":
+            self._freeze(self._resolve_mask(), source=source)
+        else:
+            return
+        self._log_metrics({f"{PREFIX}frozen_fraction": self.freezer.frozen_fraction}, self._last_step or 0)
+
+    def _resolve_mask(self) -> Mask:
+        from sparsity_callbacks.freeze import _resolve_freeze_mask
+
+        return _resolve_freeze_mask(self.config, self.tracker)
+
+    def _freeze(self, mask: Mask, source: str) -> None:
+        from sparsity_callbacks.freeze import MaskFreezer
+
+        self.freezer = MaskFreezer(self._model, mask, tracked=self.tracker.tracked)
+        for optimizer in self._optimizers:
+            self.freezer.attach(optimizer)
+        mask.metadata["freeze_source"] = source  # kept in the checkpoint copy, so a resumed run logs the same
+        self._freeze_mask = mask
+        self.freeze_source = source
+        _log.info("sparsity_callbacks: training frozen to %s (%.2f%% of tracked elements frozen, %d extra bytes)",
+                  source, 100 * self.freezer.frozen_fraction, self.freezer.extra_bytes)
+        if self.sink is not None:
+            self.sink.log_params({"sparsity.freeze_source": source})
+
+    def _log_artifacts(self, measurement: Measurement) -> None:
+        from sparsity_callbacks.plots import save_curves, save_heatmap
+
+        folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
+        self.tracker.ever_changed_mask().save(os.path.join(folder, "mask.safetensors"))
+        report = measurement.to_dict()
+        report.update({"mode_reason": self.tracker.mode_reason, "history": self.tracker.history,
+                       "config": self.config.to_dict(), "freeze_source": self.freeze_source})
+        if self.freezer is not None:
+            report["frozen_fraction"] = self.freezer.frozen_fraction
+            self._freeze_mask.save(os.path.join(folder, "freeze_mask.safetensors"))
+        with open(os.path.join(folder, "report.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        cells = {key: counts.changed / counts.numel for key, counts in measurement.by_layer_and_module().items()}
+        save_heatmap(cells, os.path.join(folder, "heatmap.png"), title=f"changed fraction at step {measurement.step}")
+        save_curves(self.tracker.history, os.path.join(folder, "curves.png"), title="sparsity")
+        for name in sorted(os.listdir(folder)):
+            self.sink.log_artifact(os.path.join(folder, name), "sparsity")

@@ -1,0 +1,546 @@
+"""The Lightning adapter: a real `lightning.pytorch.Trainer`, real MLflow read back with `MlflowClient`,
+real 2-process gloo (DDP and FSDP2) launched as subprocesses of this file (``python tests/test_lightning.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import tiny_llama  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger  # noqa: E402
+
+from sparsity_callbacks import SparsityConfig  # noqa: E402
+from sparsity_callbacks.integrations.lightning import SparsityCallback  # noqa: E402
+from sparsity_callbacks.masks import Mask  # noqa: E402
+
+SEQ = 8
+#: tokens used by the data: embedding rows of the other tokens get no gradient and stay unchanged.
+USED_TOKENS = 24
+DIST_TIMEOUT_S = 120
+
+
+# --- a tiny LightningModule ------------------------------------------------------------------------
+class LitLM(pl.LightningModule):
+    """Causal-LM loss on a tiny Llama. ``manual``: manual optimization with two optimizers (embeddings +
+    block 0, the rest), both stepped every batch. ``fsdp2``: the model is built and ``fully_shard``-ed in
+    ``configure_model`` on the ``data_parallel`` mesh of `ModelParallelStrategy`."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, weight_decay: float = 0.0, manual: bool = False,
+                 fsdp2: bool = False) -> None:
+        super().__init__()
+        self.seed, self.lr, self.weight_decay, self.fsdp2 = seed, lr, weight_decay, fsdp2
+        self.automatic_optimization = not manual
+        self.model = None if fsdp2 else tiny_llama(seed)
+        self.optimizer_steps = 0
+
+    def configure_model(self) -> None:
+        if self.fsdp2 and self.model is None:
+            from torch.distributed.fsdp import fully_shard
+
+            self.model = tiny_llama(self.seed)
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    def _loss(self, batch) -> torch.Tensor:
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self._loss(batch)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(self._loss(batch))
+        for opt in optimizers:
+            opt.step()
+        return None
+
+    def configure_optimizers(self):
+        def adamw(params):
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            opt.register_step_post_hook(lambda *_: setattr(self, "optimizer_steps", self.optimizer_steps + 1))
+            return opt
+
+        if self.automatic_optimization:
+            return adamw(self.parameters())
+        named = list(self.named_parameters())
+        first = [p for n, p in named if "embed_tokens" in n or ".layers.0." in n]
+        rest = [p for n, p in named if not ("embed_tokens" in n or ".layers.0." in n)]
+        return [adamw(first), adamw(rest)]
+
+
+def _data(n_batches: int, batch_size: int = 4, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, USED_TOKENS, (n_batches * batch_size, SEQ), generator=generator)
+    return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
+
+
+def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _recount(reference: dict[str, torch.Tensor], module: torch.nn.Module) -> tuple[int, int]:
+    """(changed, numel) over all parameters, counted here with `torch.ne` (independent of the engine)."""
+    changed = numel = 0
+    for name, param in module.named_parameters():
+        changed += int(torch.ne(param.detach(), reference[name]).sum())
+        numel += param.numel()
+    return changed, numel
+
+
+def _metric_steps(client, run_id: str, key: str = "sparsity/changed_fraction") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _no_tensors(obj) -> bool:
+    if torch.is_tensor(obj):
+        return False
+    if isinstance(obj, dict):
+        return all(_no_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_no_tensors(v) for v in obj)
+    return True
+
+
+# --- validation ------------------------------------------------------------------------------------
+def test_invalid_arguments_are_refused_eagerly():
+    with pytest.raises(ValueError, match="`on_missing_state` must be any of"):
+        SparsityCallback(on_missing_state="ignore")
+    with pytest.raises(ValueError, match="`every_n_steps` must be"):
+        SparsityCallback(every_n_steps=0)
+    with pytest.raises(TypeError, match="Unknown SparsityConfig option"):
+        SparsityCallback(every_n_step=5)
+    with pytest.raises(TypeError, match="`config` must be a SparsityConfig"):
+        SparsityCallback({"mode": "exact"})
+    callback = SparsityCallback(SparsityConfig(mode="exact"), compare_dtype="bfloat16")
+    assert (callback.config.mode, callback.config.compare_dtype) == ("exact", "bfloat16")
+
+
+# --- MLflow ------------------------------------------------------------------------------------------
+def test_metrics_land_in_the_mlflow_loggers_run_at_the_right_steps(tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    logger = MLFlowLogger(experiment_name="lit-run", tracking_uri=mlflow_server)
+    module = LitLM()
+    reference = _params(module)
+    callback = SparsityCallback(mode="exact")
+    trainer = _trainer(tmp_path, [callback], logger=logger, max_steps=5, log_every_n_steps=2)
+    trainer.fit(module, _data(8))
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([logger.experiment_id])
+    assert [r.info.run_id for r in runs] == [logger.run_id]  # no second run for one fit
+    curve = _metric_steps(client, logger.run_id)
+    assert [s for s, _ in curve] == [2, 4, 5]  # every log_every_n_steps, and at the end
+    changed, numel = _recount(reference, module)
+    assert 0 < changed < numel  # unused embedding rows stay unchanged
+    assert curve[-1][1] == pytest.approx(changed / numel, abs=1e-12)
+    assert callback.last_measurement.total.changed == changed
+    run = client.get_run(logger.run_id)
+    assert run.data.params["sparsity.mode"] == "exact"
+    assert run.data.params["sparsity.every_n_steps"] == "2"
+    assert run.data.metrics["sparsity/ever_changed_fraction"] >= curve[-1][1]
+    assert "sparsity/churn_fraction" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id, "sparsity")}
+    assert {"sparsity/mask.safetensors", "sparsity/report.json"} <= artifacts
+    assert run.info.status == "FINISHED"  # ended by the logger, once
+
+
+def test_csv_logger_sees_the_headline_metrics_and_a_new_mlflow_run_is_made(tmp_path, mlflow_local):
+    from mlflow import MlflowClient
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    callback = SparsityCallback(mode="exact", every_n_steps=3)
+    trainer = _trainer(tmp_path, [callback], logger=logger, max_steps=6, log_every_n_steps=1)
+    trainer.fit(LitLM(), _data(8))
+
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sparsity/changed_fraction")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    for key in ("sparsity/ever_changed_fraction", "sparsity/update_sparsity"):
+        assert all(r[key] for r in rows), key
+    assert [bool(r["sparsity/churn_fraction"]) for r in rows] == [False, True]  # churn needs a previous measurement
+    assert float(rows[-1]["sparsity/changed_fraction"]) == pytest.approx(callback.last_measurement.changed_fraction)
+
+    client = MlflowClient(mlflow_local)
+    runs = client.search_runs(["0"])
+    assert len(runs) == 1  # the sink's own run in the default store, one per fit
+    assert [s for s, _ in _metric_steps(client, runs[0].info.run_id)] == [3, 6]
+
+
+# --- steps -------------------------------------------------------------------------------------------
+def test_manual_optimization_with_two_optimizers_counts_every_optimizer_step(tmp_path):
+    module = LitLM(manual=True)
+    reference = _params(module)
+    callback = SparsityCallback(mode="exact", every_n_steps=3, log_to_mlflow=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=12)
+    trainer.fit(module, _data(6))
+
+    assert trainer.global_step == 12 == module.optimizer_steps  # 6 batches x 2 optimizers
+    history = [int(p["step"]) for p in callback.session.tracker.history]
+    # Measured at the end of the batches whose global_step crossed a multiple of 3: 4 (3), 6, 10 (9), 12.
+    assert history == [4, 6, 10, 12]
+    assert callback.last_measurement.total.changed == _recount(reference, module)[0]
+
+
+def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path):
+    module = LitLM()
+    reference = _params(module)
+    callback = SparsityCallback(mode="exact", every_n_steps=1, log_to_mlflow=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=3, accumulate_grad_batches=4)
+    trainer.fit(module, _data(12))
+
+    assert trainer.global_step == 3 == module.optimizer_steps
+    assert [int(p["step"]) for p in callback.session.tracker.history] == [1, 2, 3]
+    assert callback.last_measurement.total.changed == _recount(reference, module)[0]
+
+
+def test_bf16_mixed_precision(tmp_path):
+    module = LitLM()
+    reference = _params(module)
+    callback = SparsityCallback(mode="exact", every_n_steps=2, compare_dtype="bfloat16", log_to_mlflow=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=4, precision="bf16-mixed")
+    trainer.fit(module, _data(4))
+
+    expected = sum(
+        int(torch.ne(p.detach().bfloat16(), reference[n].bfloat16()).sum()) for n, p in module.named_parameters()
+    )
+    assert callback.last_measurement.total.changed == expected
+    assert [int(p["step"]) for p in callback.session.tracker.history] == [2, 4]
+
+
+# --- checkpoints and resume --------------------------------------------------------------------------
+def _fit_with_checkpoint(tmp_path, mlflow_uri: str | None = None, **callback_kwargs):
+    """Fit 4 steps (one epoch of 4 batches), checkpoint at step 4. Returns (module, reference, ckpt path, run id)."""
+    module = LitLM(seed=0)
+    reference = _params(module)
+    logger = MLFlowLogger(experiment_name="resume", tracking_uri=mlflow_uri) if mlflow_uri else False
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1)
+    callback = SparsityCallback(mode="exact", every_n_steps=2, **callback_kwargs)
+    trainer = _trainer(tmp_path, [callback, checkpoint], max_steps=4, logger=logger, enable_checkpointing=True)
+    trainer.fit(module, _data(4))
+    (ckpt,) = glob.glob(str(tmp_path / "ckpt" / "*.ckpt"))
+    return module, reference, ckpt, (logger.run_id if logger else None), callback
+
+
+def test_resume_continues_the_curve_from_the_original_reference(tmp_path, mlflow_local):
+    from mlflow import MlflowClient
+
+    _, reference, ckpt, run_id, first = _fit_with_checkpoint(tmp_path, mlflow_local)
+    state_dir = tmp_path / "ckpt" / "sparsity_state-step=4"
+    assert (state_dir / "sparsity_tracker.safetensors").is_file()
+
+    # The .ckpt stays small: the callback's entry holds no tensor, only the step, the folder and the config.
+    saved = torch.load(ckpt, weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("SparsityCallback")]
+    assert _no_tensors(state) and len(json.dumps(state)) < 4096
+    assert state["step"] == 4 and state["state_dir"] == str(state_dir)
+    assert os.path.getsize(state_dir / "sparsity_tracker.safetensors") > 4 * sum(t.numel() for t in reference.values())
+
+    # Resume into the same MLflow run, with a model of another seed: the checkpoint restores the weights, the
+    # side folder restores the original reference and ever-changed mask.
+    module = LitLM(seed=123)
+    callback = SparsityCallback(mode="exact", every_n_steps=2)
+    logger = MLFlowLogger(experiment_name="resume", tracking_uri=mlflow_local, run_id=run_id)
+    trainer = _trainer(tmp_path, [callback], max_steps=8, logger=logger)
+    trainer.fit(module, _data(4), ckpt_path=ckpt)
+
+    assert trainer.global_step == 8
+    assert [int(p["step"]) for p in callback.session.tracker.history] == [2, 4, 6, 8]
+    changed, numel = _recount(reference, module)
+    assert callback.last_measurement.total.changed == changed
+    assert callback.last_measurement.total.ever_changed >= first.last_measurement.total.ever_changed
+    curve = _metric_steps(MlflowClient(mlflow_local), run_id)
+    assert [s for s, _ in curve] == [2, 4, 6, 8]
+    assert curve[-1][1] == pytest.approx(changed / numel, abs=1e-12)
+
+    # The same 8 steps without interruption give the same curve.
+    module = LitLM(seed=0)
+    straight = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=False)
+    _trainer(tmp_path / "straight", [straight], max_steps=8).fit(module, _data(4))
+    assert straight.session.tracker.history == callback.session.tracker.history
+
+
+def test_missing_side_state_raises_a_clear_error(tmp_path):
+    _, _, ckpt, _, _ = _fit_with_checkpoint(tmp_path, log_to_mlflow=False)
+    state_dir = tmp_path / "ckpt" / "sparsity_state-step=4"
+    for path in state_dir.iterdir():
+        path.unlink()
+    state_dir.rmdir()
+
+    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=8)
+    expected = r"sparsity_state-step=4.*does not exist.*on_missing_state='resnapshot'"
+    with pytest.raises(FileNotFoundError, match=expected):
+        trainer.fit(LitLM(), _data(4), ckpt_path=ckpt)
+
+
+def test_missing_side_state_with_resnapshot_takes_a_new_reference(tmp_path):
+    _, _, ckpt, _, _ = _fit_with_checkpoint(tmp_path, log_to_mlflow=False)
+    os.rename(tmp_path / "ckpt" / "sparsity_state-step=4", tmp_path / "elsewhere")
+
+    at_resume = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            at_resume.update(_params(pl_module))
+
+    module = LitLM()
+    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=False, on_missing_state="resnapshot")
+    trainer = _trainer(tmp_path, [callback, Snapshot()], max_steps=8)
+    with pytest.warns(UserWarning, match="new reference"):
+        trainer.fit(module, _data(4), ckpt_path=ckpt)
+    assert callback.last_measurement.total.changed == _recount(at_resume, module)[0]
+    assert [int(p["step"]) for p in callback.session.tracker.history] == [6, 8]
+
+
+def test_side_state_is_found_next_to_a_moved_checkpoint(tmp_path):
+    _, reference, ckpt, _, _ = _fit_with_checkpoint(tmp_path, log_to_mlflow=False)
+    moved = tmp_path / "moved"
+    os.rename(tmp_path / "ckpt", moved)
+
+    module = LitLM()
+    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=False)
+    _trainer(tmp_path, [callback], max_steps=6).fit(module, _data(4), ckpt_path=str(moved / os.path.basename(ckpt)))
+    assert callback.last_measurement.total.changed == _recount(reference, module)[0]
+
+
+# --- freeze ------------------------------------------------------------------------------------------
+class _FreezeWatcher(pl.Callback):
+    """Records the weights right after the sparsity callback froze the model (it runs after it)."""
+
+    def __init__(self, sparsity: SparsityCallback) -> None:
+        self.sparsity = sparsity
+        self.at_freeze: dict[str, torch.Tensor] | None = None
+        self.step: int | None = None
+
+    def _grab(self, trainer, pl_module) -> None:
+        session = self.sparsity.session
+        if self.at_freeze is None and session is not None and session.freezer is not None:
+            self.at_freeze, self.step = _params(pl_module), trainer.global_step
+
+    def on_train_start(self, trainer, pl_module):
+        self._grab(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self._grab(trainer, pl_module)
+
+
+def _assert_frozen_bit_identical(module, at_freeze, mask: Mask) -> int:
+    """Every element outside ``mask`` has the same raw bits as at freeze time; returns how many there are."""
+    frozen_total = 0
+    for name, param in module.named_parameters():
+        frozen = ~mask[name]
+        now = param.detach().view(torch.int32)[frozen]
+        assert torch.equal(now, at_freeze[name].view(torch.int32)[frozen]), name
+        frozen_total += int(frozen.sum())
+    return frozen_total
+
+
+def test_discovered_mask_keeps_frozen_elements_bit_identical_under_adamw_weight_decay_and_clipping(tmp_path):
+    # Decoupled weight decay moves every fp32 weight a little; compared in bfloat16 the rows of unused tokens stay
+    # unchanged, so the discovered mask leaves them out -- and then the freezer must undo the decay.
+    module = LitLM(weight_decay=0.01, lr=1e-2)
+    callback = SparsityCallback(mode="exact", compare_dtype="bfloat16", every_n_steps=2, freeze_mask="discover",
+                                freeze_after_steps=3, log_to_mlflow=False)
+    watcher = _FreezeWatcher(callback)
+    trainer = _trainer(tmp_path, [callback, watcher], max_steps=10, gradient_clip_val=0.5,
+                       accumulate_grad_batches=2)
+    trainer.fit(module, _data(20))
+
+    assert watcher.step == 3
+    mask = callback.session._freeze_mask
+    frozen = _assert_frozen_bit_identical(module, watcher.at_freeze, mask)
+    assert frozen > 0
+    # weight decay would have moved every element; the trainable ones did move after freezing
+    moved = sum(int(torch.ne(p.detach()[mask[n]], watcher.at_freeze[n][mask[n]]).sum())
+                for n, p in module.named_parameters())
+    assert moved > 0
+
+
+def test_mask_file_keeps_frozen_elements_bit_identical(tmp_path):
+    module = LitLM(weight_decay=0.1, lr=5e-2)
+    from sparsity_callbacks import SparsityTracker
+
+    tracker = SparsityTracker(module, SparsityConfig(mode="exact"))
+    tracker.snapshot()
+    generator = torch.Generator().manual_seed(0)
+    mask = Mask({n: torch.rand(p.shape, generator=generator) < 0.2 for n, p in module.named_parameters()},
+                signatures=tracker.signatures)
+    mask.save(tmp_path / "mask.safetensors")
+    start = _params(module)
+
+    callback = SparsityCallback(mode="exact", freeze_mask=str(tmp_path / "mask.safetensors"), log_to_mlflow=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=6, gradient_clip_val=0.5, precision="bf16-mixed")
+    trainer.fit(module, _data(6))
+
+    assert callback.session.freezer is not None
+    assert _assert_frozen_bit_identical(module, start, mask) == mask.numel() - mask.count()
+    assert callback.last_measurement.total.ever_changed <= mask.count()
+
+
+# --- distributed: real 2-process gloo runs of this file ----------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> None:
+    """One rank of a DDP / FSDP2 fit (or the single-process baseline). Every rank sees the same batches
+    (``use_distributed_sampler=False``): DDP's averaged gradient then equals one process's gradient bit for bit.
+    Writes ``rank<i>.json`` with what this rank measured."""
+    torch.set_num_threads(1)
+    if kind == "fsdp2" and devices > 1:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        strategy = "ddp" if devices > 1 else "auto"
+    module = LitLM(fsdp2=kind == "fsdp2" and devices > 1)
+    logger = MLFlowLogger(experiment_name=f"dist-{kind}", tracking_uri=mlflow_uri) if mlflow_uri else False
+    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=mlflow_uri is not None,
+                                log_artifacts=kind != "fsdp2")
+    sinks = []
+
+    class SinkWatcher(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            sinks.append(callback.session.sink is not None)
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=6, logger=logger,
+        callbacks=[callback, SinkWatcher()],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, default_root_dir=out_dir,
+    )
+    trainer.fit(module, _data(6))
+    m = callback.last_measurement
+    local = sum(t.local().numel() for t in callback.session.tracker.tracked)
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "history": callback.session.tracker.history,
+        "tensors": {n: [c.numel, c.changed, c.ever_changed, c.churn] for n, c in m.tensors.items()},
+        "local_numel": local,
+        "has_sink": any(sinks),
+        "run_id": logger.run_id if (logger and trainer.is_global_zero) else None,
+    }
+    with open(os.path.join(out_dir, f"{kind}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _launch(kind: str, out_dir, mlflow_uri: str | None, world_size: int = 2) -> list[dict]:
+    """Start ``world_size`` ranks of ``_dist_fit`` as external processes (Lightning's LightningEnvironment with
+    LOCAL_RANK set: no re-launch of pytest), wait for all, return their results sorted by rank."""
+    port = str(_free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(world_size),
+                   NODE_RANK="0", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        command = [sys.executable, os.path.abspath(__file__), kind, str(out_dir), mlflow_uri or "-", str(world_size)]
+        log = open(os.path.join(out_dir, f"{kind}-rank{rank}.log"), "wb")
+        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + DIST_TIMEOUT_S
+    try:
+        for process, _ in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    logs = "\n".join(open(os.path.join(out_dir, f"{kind}-rank{r}.log")).read()[-3000:] for r in range(world_size))
+    codes = [p.returncode for p, _ in processes]
+    assert codes == [0] * world_size, f"ranks exited with {codes} (a rank blocked or failed):\n{logs}"
+    results = []
+    for rank in range(world_size):
+        with open(os.path.join(out_dir, f"{kind}-{world_size}-rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
+def _single(kind: str, out_dir) -> dict:
+    _dist_fit(kind, str(out_dir), None, 1)
+    with open(os.path.join(out_dir, f"{kind}-1-rank0.json")) as f:
+        return json.load(f)
+
+
+def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    ranks = _launch("ddp", tmp_path, mlflow_server)
+    single = _single("ddp", tmp_path)
+    for result in ranks:
+        assert result["world_size"] == 2
+        assert result["tensors"] == single["tensors"]  # replicas counted once: not doubled
+        assert result["history"] == single["history"]  # every rank measured at the same steps
+    assert [int(p["step"]) for p in single["history"]] == [2, 4, 6]
+    assert [r["has_sink"] for r in ranks] == [True, False]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("dist-ddp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [ranks[0]["run_id"]]  # exactly one writer, one run
+    curve = _metric_steps(client, ranks[0]["run_id"])
+    assert [s for s, _ in curve] == [2, 4, 6]  # one value per step, not one per rank
+    assert [v for _, v in curve] == pytest.approx([p["changed_fraction"] for p in single["history"]], abs=1e-12)
+
+
+def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_path, mlflow_server):
+    """FSDP2 (`ModelParallelStrategy` + `fully_shard` on the data-parallel mesh) runs on CPU with gloo.
+    (FSDP1, ``strategy="fsdp"``, does not: see the README.)"""
+    from mlflow import MlflowClient
+
+    ranks = _launch("fsdp2", tmp_path, mlflow_server)
+    single = _single("fsdp2", tmp_path)
+    total = sum(n for n, *_ in single["tensors"].values())
+    assert [r["local_numel"] for r in ranks] != [total, total]  # each rank holds a shard ...
+    assert sum(r["local_numel"] for r in ranks) == total  # ... and the shards add up to the model
+    for result in ranks:
+        # FSDP2 names carry no wrapper prefix here; compare the summed counts per tensor
+        assert result["tensors"] == single["tensors"]
+        assert [p["step"] for p in result["history"]] == [p["step"] for p in single["history"]]
+        for ours, theirs in zip(result["history"], single["history"]):
+            assert ours["changed_fraction"] == pytest.approx(theirs["changed_fraction"], abs=1e-12)
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("dist-fsdp2")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [ranks[0]["run_id"]]
+    assert [s for s, _ in _metric_steps(client, ranks[0]["run_id"])] == [2, 4, 6]
+
+
+if __name__ == "__main__":  # one rank of a distributed test: python tests/test_lightning.py KIND OUT URI WORLD
+    _kind, _out, _uri, _world = sys.argv[1:5]
+    _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))
