@@ -1,11 +1,12 @@
 """sparsity_callbacks: see and use the sparse subnetwork that RL fine-tuning updates."""
 
 from sparsity_callbacks.config import SparsityConfig
+from sparsity_callbacks.freeze import MaskFreezer
 from sparsity_callbacks.masks import Mask, Overlap
 from sparsity_callbacks.report import Measurement, TensorCounts
 from sparsity_callbacks.tracker import SparsityTracker
 
-__all__ = ["Mask", "Measurement", "Overlap", "SparsityCallback", "SparsityConfig", "SparsityTracker", "TensorCounts"]
+__all__ = ["Mask", "MaskFreezer", "Measurement", "Overlap", "SparsityCallback", "SparsityConfig", "SparsityTracker", "TensorCounts"]
 __version__ = "0.1.0"
 
 
