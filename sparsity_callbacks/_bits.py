@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
 
 def _packed_numel(numel: int) -> int:
@@ -28,5 +27,8 @@ def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def _popcount(packed: torch.Tensor) -> torch.Tensor:
-    """Number of set bits in a uint8 tensor, as a 0-d int64 tensor on its device."""
-    return _POPCOUNT.to(packed.device)[packed.long()].sum(dtype=torch.int64)
+    """Number of set bits in a uint8 tensor, as a 0-d int64 tensor on its device (SWAR bit counting:
+    a few vectorised passes over the bytes, no lookup table or widening to int64 indices)."""
+    x = packed - ((packed >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return ((x + (x >> 4)) & 0x0F).sum(dtype=torch.int64)

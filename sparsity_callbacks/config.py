@@ -35,8 +35,8 @@ class SparsityConfig:
             not schedule.
         mode: how the reference is held. ``"exact"``: a host copy in ``compare_dtype`` (1x parameter
             bytes in that dtype). ``"fingerprint"``: ``fingerprint_bits`` per element on the device;
-            changes of fewer than 251 ulps are always detected, larger ones are missed with
-            probability 1/251 (k=8) and the count is corrected. ``"auto"``: ``exact`` when host RAM
+            changes of fewer than 255 ulps are always detected, larger ones are missed with
+            probability 1/255 (k=8) and the count is corrected. ``"auto"``: ``exact`` when host RAM
             allows, else ``fingerprint`` (the choice and the reason are logged).
         fingerprint_bits: 8 or 16 bits per element for ``fingerprint`` mode (and for churn).
         compare_dtype: compare as this dtype (``"bfloat16"`` reproduces measurements of bf16

@@ -6,10 +6,13 @@ per chunk*: in a chunk of ``8 * m`` elements, element ``b * m + j`` is bit ``b``
 this way reads 8 contiguous streams, which vectorises (grouping 8 neighbours into a byte does not:
 measured 30x slower on CPU). `Mask` files use the conventional order; `_planar_to_bool` converts.
 
-Fingerprint: the element's bits, read as an integer x, reduced modulo a prime p (251 for 8 bits,
-65521 for 16 bits). Any change of x by 0 < |d| < p (fewer than 251 ulps for k=8) changes x mod p,
-so small updates are always detected; a larger change is missed only when d is a multiple of p, with
-probability about 1/p for an unstructured change. Single-bit flips (2^j mod p != 0) are always detected.
+Fingerprint: the element's bits, read as an unsigned integer x, modulo m = 2**k - 1 (255 for k=8,
+65535 for k=16). Any change of x by 0 < |d| < m (fewer than 255 ulps for k=8) changes x mod m, so the
+small updates of training are always detected; a larger change is missed only when d is a multiple of
+m, with probability about 1/m for an unstructured change. Single-bit flips (2**j mod m != 0) are always
+detected. Since 2**k = 1 (mod m), x mod m is the sum of x's k-bit digits folded to k bits: shifts, masks
+and adds, which `torch.compile` fuses into one vectorised pass; eager torch uses `torch.remainder`
+instead (one pass; fewer eager kernels). Both give the same values.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 _log = logging.getLogger("sparsity_callbacks")
 
-_PRIMES = {8: 251, 16: 65521}
+_MODULI = {8: 255, 16: 65535}
 _FINGERPRINT_DTYPES = {8: torch.uint8, 16: torch.int16}
 _INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
@@ -30,7 +33,7 @@ _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
 def _miss_probability(bits: int) -> float:
     """Probability that an unstructured change is not detected by a ``bits``-bit fingerprint."""
-    return 1.0 / _PRIMES[bits]
+    return 1.0 / _MODULI[bits]
 
 
 def _as_bits(values: torch.Tensor) -> torch.Tensor:
@@ -39,24 +42,23 @@ def _as_bits(values: torch.Tensor) -> torch.Tensor:
 
 
 def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-element fingerprint: (raw bits as an integer) mod p, as uint8 (k=8) or int16 (k=16, offset by -32768).
-
-    Eager torch runs `torch.remainder` (one pass). Under `torch.compile` the reduction runs in float32
-    arithmetic instead, exact for integers below 2**24, which vectorises where integer division does
-    not: x = hi * 2**16 + lo  ==>  x = hi * (2**16 mod p) + lo  (mod p). Both give the same values.
-    """
-    p = _PRIMES[bits]
+    """Per-element fingerprint, same shape: (raw bits as an unsigned integer) mod ``2**bits - 1``, as
+    uint8 (k=8) or int16 (k=16, offset by -32768)."""
+    modulus = _MODULI[bits]
     x = _as_bits(values)
-    if values.element_size() == 8 or not torch.compiler.is_compiling():
-        r = torch.remainder(x if values.element_size() >= 4 else x.to(torch.int32), p)
+    if x.element_size() < 4:
+        x = x.to(torch.int32)
+    if torch.compiler.is_compiling():
+        # Sum of the k-bit digits of the unsigned bits (2**k = 1 mod m), folded twice to at most m.
+        r = x & modulus
+        for shift in range(bits, 8 * values.element_size(), bits):
+            r = r + ((x >> shift) & modulus)
+        r = (r & modulus) + (r >> bits)
+        r = (r & modulus) + (r >> bits)
     else:
-        if values.element_size() == 4:
-            r = ((x >> 16) * (65536 % p) + (x & 0xFFFF)).to(torch.float32)
-        else:
-            r = x.to(torch.float32)
-        r = r - torch.floor(r * (1.0 / p)) * p
-        r = torch.where(r < 0, r + p, r)
-        r = torch.where(r >= p, r - p, r)
+        # A signed x stands for x + 2**width, and 2**width = 1 (mod m).
+        r = torch.remainder(x, modulus) + (x < 0)
+    r = torch.where(r == modulus, 0, r)
     if bits == 8:
         return r.to(torch.uint8)
     return (r - 32768).to(torch.int16)

@@ -63,7 +63,7 @@ class Measurement:
         mode: ``"exact"``, ``"fingerprint"`` or ``"diff"``.
         tensors: ``{parameter name: TensorCounts}`` of detected counts.
         changed_miss_probability: probability that a change is not detected (0 in exact mode,
-            1/251 with 8-bit fingerprints for changes of 251 ulps or more).
+            1/255 with 8-bit fingerprints for changes of 255 ulps or more).
         churn_miss_probability: the same for churn (churn always compares fingerprints).
         has_churn: False at the first measurement after a snapshot or with ``track_churn=False``.
         nonfinite: elements that are NaN or +-inf now.

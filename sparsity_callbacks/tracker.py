@@ -117,9 +117,7 @@ class SparsityTracker:
         self._warned: set[str] = set()
         self._rank_layouts: list[list[tuple[int, int]]] | None = None  # per rank: (start, count) per sharded tensor
         self._chunk = max(8, self.config.chunk_numel // 8 * 8)
-        numel = sum(t.local().numel() for t in self.tracked)
-        use_compile = self.config.compile if self.config.compile is not None else numel >= _COMPILE_AUTO_NUMEL
-        self._kernel = _KernelRunner(use_compile)
+        self._kernel = _KernelRunner(bool(self.config.compile))
 
     # --- public ----------------------------------------------------------------------------------
     @property
@@ -151,6 +149,7 @@ class SparsityTracker:
         self._current_parameters()  # the model's Parameter objects now (`to_empty` replaces them)
         self._check_materialised()
         self.mode, self.mode_reason = self._choose_mode()
+        self._choose_compile()
         _log.info("sparsity_callbacks: mode=%s (%s)", self.mode, self.mode_reason)
         self._states = {}
         nonfinite = {}
@@ -368,6 +367,7 @@ class SparsityTracker:
                 raise ValueError(f"The tracker state is corrupt: tensor {tracked.name!r}: {problem}. HINT: resume "
                                  "from an earlier checkpoint, or start over with tracker.snapshot().")
         self.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
+        self._choose_compile()
         states = {}
         for tracked in self.tracked:
             info = saved[tracked.name]
@@ -435,6 +435,15 @@ class SparsityTracker:
         self.load_state_dict({"meta": meta, "tensors": tensors})
 
     # --- internals -------------------------------------------------------------------------------
+    def _choose_compile(self) -> None:
+        """``compile=None``: compile only where it pays. Fingerprints (fingerprint mode, or churn) compile to
+        one fused pass, 3-4x faster than eager on CPU; a plain exact comparison is one eager pass already
+        (compiled it measured 2x slower). Small models stay eager: compiling takes ~10 s."""
+        if self.config.compile is None:
+            numel = sum(t.local().numel() for t in self.tracked)
+            needs_fingerprint = self.mode == "fingerprint" or self.config.track_churn
+            self._kernel.use_compile = numel >= _COMPILE_AUTO_NUMEL and needs_fingerprint
+
     def _require_snapshot(self) -> None:
         if not self._states:
             raise RuntimeError("Call tracker.snapshot() (before the first optimizer step) or load a state first.")

@@ -50,8 +50,8 @@ def test_known_edits_counted_exactly_global_tensor_layer_module(mode):
     _edit(model, EDITS)
     m = tracker.measure(step=1)
     assert m.total.changed == 10 and m.total.ever_changed == 10
-    # fingerprints detect small edits always; the estimate corrects for the 1/251 miss rate of large ones
-    assert m.changed == (10 if mode == "exact" else pytest.approx(10 * 251 / 250))
+    # fingerprints detect small edits always; the estimate corrects for the 1/255 miss rate of large ones
+    assert m.changed == (10 if mode == "exact" else pytest.approx(10 * 255 / 254))
     for name, counts in m.tensors.items():
         assert counts.changed == len(EDITS.get(name, [])), name
     assert m.by_layer()[0].changed == 3 and m.by_layer()[1].changed == 5
@@ -121,7 +121,7 @@ def test_fingerprint_detects_every_small_ulp_edit(dtype, bits):
 
 
 def test_fingerprint_corrected_count_within_bound_for_large_random_edits():
-    """Random new values: each change is missed with probability ~1/251. Over 40 seeded trials of
+    """Random new values: each change is missed with probability ~1/255. Over 40 seeded trials of
     20 000 changes (≈80 misses each, sd ≈ 9), the true count must never exceed the 99.9 % upper bound
     and the corrected estimate must be unbiased: its mean error stays within 4 standard errors (±6)."""
     module = _Mixed(torch.float32)
