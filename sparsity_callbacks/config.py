@@ -160,6 +160,11 @@ class SparsityConfig:
             or not 0 < self.mask_density_cap <= 1
         ):
             raise _bad("mask_density_cap", self.mask_density_cap, "a fraction in (0, 1] or None")
+        if self.mask_density_cap is not None and self.mode == "fingerprint":
+            raise ValueError(
+                f"`mask_density_cap`={self.mask_density_cap} ranks elements by |w - ref|, and `mode='fingerprint'` "
+                "keeps no reference values. HINT: use mode='exact' (or 'auto')."
+            )
         for name in ("reference_dir", "mlflow_experiment", "mlflow_run_id", "mlflow_tracking_uri"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

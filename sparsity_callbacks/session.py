@@ -137,9 +137,12 @@ class _SparsitySession:
         measurement = self.last_measurement
         if measurement is None or measurement.step != step:
             measurement = self._measure(step)
+        if self.config.log_artifacts and self.config.log_to_mlflow:
+            # Every rank: gathering a sharded mask is a collective. Only rank 0 (with a sink) logs it.
+            mask = self.tracker.ever_changed_mask()
         if self.sink is not None and self.config.log_artifacts:
             try:
-                self._log_artifacts(measurement)
+                self._log_artifacts(measurement, mask)
             except Exception as err:  # plots or disk trouble must not fail the end of training
                 warnings.warn(f"Could not write the sparsity artifacts: {type(err).__name__}: {err}", stacklevel=2)
         self.close()
@@ -220,11 +223,11 @@ class _SparsitySession:
         if self.sink is not None:
             self.sink.log_params({"sparsity.freeze_source": source})
 
-    def _log_artifacts(self, measurement: Measurement) -> None:
+    def _log_artifacts(self, measurement: Measurement, mask: Mask) -> None:
         from sparsity_callbacks.plots import save_curves, save_heatmap
 
         folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
-        self.tracker.ever_changed_mask().save(os.path.join(folder, "mask.safetensors"))
+        mask.save(os.path.join(folder, "mask.safetensors"))
         report = measurement.to_dict()
         report.update({"mode_reason": self.tracker.mode_reason, "history": self.tracker.history,
                        "config": self.config.to_dict(), "freeze_source": self.freeze_source})

@@ -504,6 +504,9 @@ def test_density_cap_needs_exact_mode():
     model = tiny_llama()
     tracker = _tracker(model, mode="fingerprint")
     _sparse_training(model, tracker)
-    config = SparsityConfig(mode="fingerprint", freeze_mask="discover", freeze_after_steps=3, mask_density_cap=0.01)
+    with pytest.raises(ValueError, match="mode='exact'"):  # explicit: refused by the config at once
+        SparsityConfig(mode="fingerprint", freeze_mask="discover", freeze_after_steps=3, mask_density_cap=0.01)
+    # mode="auto" that resolved to fingerprints (not enough host RAM): refused when the mask is resolved
+    config = SparsityConfig(mode="auto", freeze_mask="discover", freeze_after_steps=3, mask_density_cap=0.01)
     with pytest.raises(ValueError, match="mode='exact'"):
         _resolve_freeze_mask(config, tracker)

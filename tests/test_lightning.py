@@ -428,8 +428,7 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
         strategy = "ddp" if devices > 1 else "auto"
     module = LitLM(fsdp2=kind == "fsdp2" and devices > 1)
     logger = MLFlowLogger(experiment_name=f"dist-{kind}", tracking_uri=mlflow_uri) if mlflow_uri else False
-    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=mlflow_uri is not None,
-                                log_artifacts=kind != "fsdp2")
+    callback = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=mlflow_uri is not None)
     sinks = []
 
     class SinkWatcher(pl.Callback):
@@ -539,6 +538,11 @@ def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_p
     experiment = client.get_experiment_by_name("dist-fsdp2")
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [ranks[0]["run_id"]]
     assert [s for s, _ in _metric_steps(client, ranks[0]["run_id"])] == [2, 4, 6]
+    # the mask artifact is the full mask, gathered from both shards (every rank joins the gather)
+    local = client.download_artifacts(ranks[0]["run_id"], "sparsity/mask.safetensors", str(tmp_path / "artifacts"))
+    mask = Mask.load(local)
+    assert mask.numel() == total
+    assert mask.count() == sum(ever for _, _, ever, _ in single["tensors"].values())
 
 
 if __name__ == "__main__":  # one rank of a distributed test: python tests/test_lightning.py KIND OUT URI WORLD

@@ -414,6 +414,7 @@ def test_auto_mode_says_what_it_chose_and_why():
         ({"include": ("[",)}, r"`include` pattern '\[' is not a valid regular expression"),
         ({"freeze_mask": "discover"}, r"needs `freeze_after_steps`"),
         ({"mask_density_cap": 1.5}, r"`mask_density_cap` must be a fraction in \(0, 1\] or None, got 1.5"),
+        ({"mask_density_cap": 0.2, "mode": "fingerprint"}, r"`mask_density_cap`=0.2 ranks elements by \|w - ref\|"),
     ],
 )
 def test_invalid_config_values_name_the_field(kwargs, message):
