@@ -273,3 +273,76 @@ def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_
     local = client.download_artifacts(run_id, "sparsity/mask.bin", str(tmp_path / "dl"))
     assert open(local, "rb").read() == b"\x01\x02"
     assert os.path.exists(str(path))
+
+
+class _SlowProxy:
+    """An HTTP proxy on 127.0.0.1 that holds every request ``delay`` seconds, then forwards it to ``target``:
+    a tracking server that answers, slowly."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                proxy.requests += 1
+                time.sleep(delay)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                request = urllib.request.Request(target + self.path, data=body, headers=headers, method=self.command)
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        status, payload, reply_headers = response.status, response.read(), response.headers
+                except urllib.error.HTTPError as err:
+                    status, payload, reply_headers = err.code, err.read(), err.headers
+                self.send_response(status)
+                for key, value in reply_headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_server_never_slows_the_caller_and_gets_everything(mlflow_server):
+    """Every request to the tracking server takes 1.5 s: `log_metrics` still returns at once (it only
+    appends to the buffer), batching keeps the number of requests far below the number of calls, and
+    everything arrives by `close`."""
+    proxy = _SlowProxy(mlflow_server, delay=1.5)
+    try:
+        sink = MLflowSink(tracking_uri=proxy.uri, experiment="slow-server", run_name="slow")
+        sink.log_params({"sparsity.mode": "exact"})
+        slowest = 0.0
+        for step in range(40):
+            started = time.monotonic()
+            sink.log_metrics(_metrics(step), step=step)
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.02)
+        assert slowest < 0.5  # far below one request (1.5 s): the caller never waits for the server
+        sink.close(timeout=120)
+        run_id = sink.run_id
+        assert proxy.requests < 40  # batched: fewer requests than log calls
+    finally:
+        proxy.close()
+    client = MlflowClient(mlflow_server)
+    for key in _metrics(0):
+        assert _history(client, run_id, key) == [(s, pytest.approx(_metrics(s)[key])) for s in range(40)]
+    assert client.get_run(run_id).data.params == {"sparsity.mode": "exact"}
