@@ -455,6 +455,10 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
     }
     with open(os.path.join(out_dir, f"{kind}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f)
+    if torch.distributed.is_initialized():
+        # Exiting with a live gloo group after a collective can abort at interpreter shutdown
+        # ("terminate called without an active exception", pytorch/pytorch#190489): tear it down first.
+        torch.distributed.destroy_process_group()
 
 
 def _launch(kind: str, out_dir, mlflow_uri: str | None, world_size: int = 2) -> list[dict]:
