@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,10 +129,10 @@ def mlflow_sqlite_template(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
-    """A fresh local ``sqlite:///.../mlflow.db`` tracking URI, set as MLflow's current one (the working
-    directory is ``tmp_path``); the previous tracking URI, experiment and active runs are restored."""
+@contextlib.contextmanager
+def _mlflow_pointed_at(uri: str, monkeypatch, tmp_path, env: dict[str, str] | None = None):
+    """Make ``uri`` MLflow's current tracking URI (working directory ``tmp_path``, ``MLFLOW_*`` variables
+    cleared, then ``env`` set); restore the previous tracking URI, experiment and active runs after."""
     import mlflow
     from mlflow.tracking import _tracking_service, fluent
 
@@ -139,9 +140,9 @@ def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
     old_experiment = fluent._active_experiment_id
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)  # anything falling back to ./mlflow.db lands in tmp_path
-    shutil.copyfile(mlflow_sqlite_template, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         yield uri
@@ -150,3 +151,21 @@ def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
             mlflow.end_run()
         mlflow.set_tracking_uri(old_uri)
         fluent._active_experiment_id = old_experiment
+
+
+@pytest.fixture
+def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
+    """A fresh local ``sqlite:///.../mlflow.db`` tracking URI, set as MLflow's current one (the working
+    directory is ``tmp_path``); the previous tracking URI, experiment and active runs are restored."""
+    shutil.copyfile(mlflow_sqlite_template, tmp_path / "mlflow.db")
+    with _mlflow_pointed_at(f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch, tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture
+def mlflow_server_tracking(mlflow_server, monkeypatch, tmp_path):
+    """The session's real `mlflow server` as MLflow's current tracking URI (also ``MLFLOW_TRACKING_URI``),
+    with an experiment of this test's own (the server is shared by the session); restored afterwards."""
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": f"test-{tmp_path.name}-{os.getpid()}"}
+    with _mlflow_pointed_at(mlflow_server, monkeypatch, tmp_path, env) as uri:
+        yield uri

@@ -96,26 +96,9 @@ class _StepRecorder(TrainerCallback):
 
 
 @pytest.fixture
-def server_tracking(mlflow_server, monkeypatch, tmp_path):
-    """Point MLflow (env and fluent state) at the session's real `mlflow server`; restored afterwards."""
-    from mlflow.tracking import _tracking_service, fluent
-
-    old_uri = _tracking_service.utils._tracking_uri
-    old_experiment = fluent._active_experiment_id
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    # The server is shared by the whole session: give this test an experiment of its own.
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"hf-{tmp_path.name}-{os.getpid()}")
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        yield mlflow_server
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(old_uri)
-        fluent._active_experiment_id = old_experiment
+def server_tracking(mlflow_server_tracking):
+    """MLflow pointed at the session's real `mlflow server`, in an experiment of this test's own."""
+    return mlflow_server_tracking
 
 
 # --- construction ----------------------------------------------------------------------------------
