@@ -196,7 +196,7 @@ class SparsityConfig:
 
 
 def _resolve_config(config: SparsityConfig | None, overrides: dict[str, Any]) -> SparsityConfig:
-    """``config`` (or the defaults) with keyword ``overrides`` applied, for the callbacks."""
+    """``config`` (or the defaults) with keyword ``overrides`` applied (tracker and callbacks)."""
     if config is not None and not isinstance(config, SparsityConfig):
         raise TypeError(f"`config` must be a SparsityConfig or None, got {type(config).__name__}.")
     return (config or SparsityConfig()).replace(**overrides) if overrides else (config or SparsityConfig())

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sparsity_callbacks._bits import _pack_bits, _popcount, _unpack_bits
-from sparsity_callbacks.config import SparsityConfig
+from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.masks import Mask
 from sparsity_callbacks.params import (
     _clean_name,
@@ -105,7 +105,7 @@ class SparsityTracker:
 
     def __init__(self, model: torch.nn.Module, config: SparsityConfig | None = None, **overrides: Any) -> None:
         self.model = model
-        self.config = (config or SparsityConfig()).replace(**overrides) if overrides else (config or SparsityConfig())
+        self.config = _resolve_config(config, overrides)
         self.tracked, self.skipped = _collect_parameters(model, self.config)
         self.mode: str | None = None
         self.mode_reason: str = ""
@@ -137,7 +137,7 @@ class SparsityTracker:
     @property
     def is_sharded(self) -> bool:
         """True when some tracked parameter is sharded across ranks (FSDP, ZeRO-3)."""
-        return any(_is_sharded(t.param) for t in self.tracked)
+        return any(t.sharded for t in self.tracked)
 
     @property
     def is_snapshotted(self) -> bool:
@@ -628,7 +628,7 @@ class SparsityTracker:
     def _distributed(self) -> bool:
         """True when some tracked tensor is sharded over an initialised process group (then snapshot,
         measure and the masks run collectives; the answer is the same on every rank)."""
-        return _dist_ready() and any(t.sharded for t in self.tracked)
+        return _dist_ready() and self.is_sharded
 
     def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
         """Per-tensor counts ``(n, 5)`` (changed, nonfinite, churn, ever, local numel) summed over ranks for
