@@ -87,33 +87,43 @@ def main() -> None:
         base, tuned, expected = _build(folder, args.tensors, args.tensor_mb)
         paths = [base, tuned]
         total = sum(os.path.getsize(p) for p in paths)
-        print(f"built 2 x {args.tensors} x {args.tensor_mb} MB fp32 = {total / 1e9:.2f} GB in "
-              f"{time.perf_counter() - t0:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"built 2 x {args.tensors} x {args.tensor_mb} MB fp32 = {total / 1e9:.2f} GB in "
+            f"{time.perf_counter() - t0:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} CPUs"
+        )
 
         check = diff_checkpoints(base, tuned)
         assert int(check.measurement().changed) == expected, (check.measurement().changed, expected)
 
         rows = {
             "cat > /dev/null": _median_time(
-                lambda: subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True), args.repeats),
+                lambda: subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True), args.repeats
+            ),
             "safe_open + get_tensor + clone": _median_time(lambda: _read_safetensors(paths, True), args.repeats),
             "safe_open + get_tensor, pages touched (no copy)": _median_time(
-                lambda: _read_safetensors(paths, False), args.repeats),
+                lambda: _read_safetensors(paths, False), args.repeats
+            ),
             "diff_checkpoints (atol=1e-5)": _median_time(lambda: diff_checkpoints(base, tuned), args.repeats),
             "diff_checkpoints (atol=1e-5, 1e-3)": _median_time(
-                lambda: diff_checkpoints(base, tuned, atol=(1e-5, 1e-3)), args.repeats),
-            "diff_checkpoints (mask=True)": _median_time(lambda: diff_checkpoints(base, tuned, mask=True), args.repeats),
+                lambda: diff_checkpoints(base, tuned, atol=(1e-5, 1e-3)), args.repeats
+            ),
+            "diff_checkpoints (mask=True)": _median_time(
+                lambda: diff_checkpoints(base, tuned, mask=True), args.repeats
+            ),
             "diff_checkpoints (compare_dtype=bfloat16)": _median_time(
-                lambda: diff_checkpoints(base, tuned, compare_dtype="bfloat16"), args.repeats),
+                lambda: diff_checkpoints(base, tuned, compare_dtype="bfloat16"), args.repeats
+            ),
         }
         read, cat = rows["safe_open + get_tensor + clone"], rows["cat > /dev/null"]
         print(f"\n{'what':50s} {'median s':>9s} {'GB/s':>7s} {'vs get_tensor+clone':>20s} {'vs cat':>7s}")
         for name, seconds in rows.items():
             print(f"{name:50s} {seconds:9.3f} {total / seconds / 1e9:7.2f} {read / seconds:20.0%} {cat / seconds:7.0%}")
         diff = rows["diff_checkpoints (atol=1e-5)"]
-        print(f"\ndiff throughput = {read / diff:.0%} of safe_open + get_tensor + clone, {cat / diff:.0%} of "
-              f"cat > /dev/null; target >= 50 % of read: {'met' if read / diff >= 0.5 else 'NOT met'}")
+        print(
+            f"\ndiff throughput = {read / diff:.0%} of safe_open + get_tensor + clone, {cat / diff:.0%} of "
+            f"cat > /dev/null; target >= 50 % of read: {'met' if read / diff >= 0.5 else 'NOT met'}"
+        )
         print("(the no-copy row only maps page-cache pages; no computation over every byte can match it)")
 
 

@@ -44,11 +44,19 @@ def main() -> None:
     parser.add_argument("--compact", action="store_true", help="MaskFreezer(compact=True)")
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                        help="thread: one intra-op thread, timed by time.thread_time (CPU time of this "
-                        "thread), robust to other processes competing for the cores")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (default: torch's); 1 avoids OpenMP spin-waiting on a busy machine")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="thread: one intra-op thread, timed by time.thread_time (CPU time of this "
+        "thread), robust to other processes competing for the cores",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: torch's); 1 avoids OpenMP spin-waiting on a busy machine",
+    )
     args = parser.parse_args()
     if args.clock == "thread" or args.threads:
         torch.set_num_threads(1 if args.clock == "thread" else args.threads)
@@ -60,8 +68,7 @@ def main() -> None:
     freezer = MaskFreezer(frozen, mask, compact=args.compact)
     optimizers = {}
     for label, model in (("baseline", base), ("freezer", frozen)):
-        optimizers[label] = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01,
-                                             fused=args.fused or None)
+        optimizers[label] = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=args.fused or None)
     freezer.attach(optimizers["freezer"])
     x = torch.randn(args.rows, args.width, generator=gen).to(args.device)
     models = {"baseline": base, "freezer": frozen}
@@ -88,16 +95,20 @@ def main() -> None:
             one(label, record=i >= args.warmup)
 
     numel = sum(p.numel() for p in frozen.parameters())
-    print(f"model: {args.layers} x Linear({args.width}, {args.width}) = {numel:,} params, fp32, {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock; AdamW(fused={args.fused}); "
-          f"mask density {mask.density:.3f}, frozen_fraction {freezer.frozen_fraction:.3f}, compact={args.compact}")
+    print(
+        f"model: {args.layers} x Linear({args.width}, {args.width}) = {numel:,} params, fp32, {args.device}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock; AdamW(fused={args.fused}); "
+        f"mask density {mask.density:.3f}, frozen_fraction {freezer.frozen_fraction:.3f}, compact={args.compact}"
+    )
     print(f"freezer extra memory: {freezer.extra_bytes:,} bytes = {freezer.extra_bytes / numel:.3f} bytes/param")
     for key, what in (("step", "optimizer step alone"), ("full", f"full step (fwd+bwd+step, {args.rows} rows)")):
         b = statistics.median(times["baseline"][key]) * 1e3
         f = statistics.median(times["freezer"][key]) * 1e3
         pairs = statistics.median(x / y for x, y in zip(times["freezer"][key], times["baseline"][key]))
-        print(f"{what}: baseline {b:.1f} ms, freezer {f:.1f} ms, ratio {f / b:.3f} "
-              f"(overhead {100 * (f / b - 1):+.1f} %; median of paired ratios {pairs:.3f}), median of {args.repeats}")
+        print(
+            f"{what}: baseline {b:.1f} ms, freezer {f:.1f} ms, ratio {f / b:.3f} "
+            f"(overhead {100 * (f / b - 1):+.1f} %; median of paired ratios {pairs:.3f}), median of {args.repeats}"
+        )
 
     # The freezer's own work, timed alone on the same tensors: the restore (step post-hook) and the
     # gradient masking (post-accumulate-grad hooks). The rest of any difference above is the
@@ -105,8 +116,10 @@ def main() -> None:
     # e.g. AdamW's vectorized sqrt is ~2x slower on a random mix of zeros and non-zeros).
     entries = list(freezer._entries.values())
     grads = [e.param.grad for e in entries]
-    own = {"restore (step post-hook)": freezer.restore,
-           "gradient masking (grad hooks)": lambda: [e.zero_frozen(g) for e, g in zip(entries, grads)]}
+    own = {
+        "restore (step post-hook)": freezer.restore,
+        "gradient masking (grad hooks)": lambda: [e.zero_frozen(g) for e, g in zip(entries, grads)],
+    }
     for what, fn in own.items():
         samples = []
         for _ in range(args.warmup + args.repeats):
@@ -115,7 +128,7 @@ def main() -> None:
             fn()
             _sync(args.device)
             samples.append(clock() - t0)
-        ms = statistics.median(samples[args.warmup:]) * 1e3
+        ms = statistics.median(samples[args.warmup :]) * 1e3
         b = statistics.median(times["baseline"]["step"]) * 1e3
         print(f"freezer's own work, {what}: {ms:.1f} ms = {100 * ms / b:.1f} % of the baseline optimizer step")
 

@@ -67,8 +67,10 @@ def main() -> None:
 
     memcpy()
     baseline = _median_seconds(memcpy, args.repeats)
-    print(f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {args.device}; {numel / 1e6:.0f} M fp32 params ({numel * 4 / 1e9:.2f} GB)")
+    print(
+        f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}; {numel / 1e6:.0f} M fp32 params ({numel * 4 / 1e9:.2f} GB)"
+    )
     print(f"memcpy of the tracked bytes: {baseline * 1e3:.1f} ms (median of {args.repeats})")
 
     configs = [
@@ -84,18 +86,21 @@ def main() -> None:
             tracker.snapshot()
             with torch.no_grad():
                 for p in model:
-                    p[:: 10] += 1e-3
+                    p[::10] += 1e-3
             tracker.measure()  # warm-up (and compilation)
 
-            def measure():
+            def measure(tracker=tracker):
                 tracker.measure()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
 
             seconds = _median_seconds(measure, args.repeats if use_compile else max(3, args.repeats // 2))
             host, device = _extra_bytes(tracker)
-            print(f"{label:24s} compile={str(use_compile):5s}: {seconds * 1e3:8.1f} ms = {seconds / baseline:5.2f}x memcpy; "
-                  f"extra memory {host / numel:.3f} B/param host + {device / numel:.3f} B/param device")
+            print(
+                f"{label:24s} compile={str(use_compile):5s}: {seconds * 1e3:8.1f} ms = "
+                f"{seconds / baseline:5.2f}x memcpy; "
+                f"extra memory {host / numel:.3f} B/param host + {device / numel:.3f} B/param device"
+            )
             del tracker
 
 

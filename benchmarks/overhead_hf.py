@@ -52,11 +52,17 @@ class _StepTimer(TrainerCallback):
 
 def _model(args) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
-        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=args.seq,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
+            num_hidden_layers=args.layers,
+            num_attention_heads=max(1, args.hidden // 64),
+            num_key_value_heads=max(1, args.hidden // 128),
+            max_position_embeddings=args.seq,
+        )
+    )
 
 
 def _run(args, state_dict, dataset, with_callback: bool, workdir: str) -> tuple[float, float]:
@@ -65,9 +71,17 @@ def _run(args, state_dict, dataset, with_callback: bool, workdir: str) -> tuple[
     timer = _StepTimer()
     callbacks = [timer] + ([SparsityCallback()] if with_callback else [])
     training_args = TrainingArguments(
-        output_dir=os.path.join(workdir, "out"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        learning_rate=1e-5, logging_steps=args.logging_steps, report_to="none", save_strategy="no",
-        use_cpu=args.device == "cpu", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        output_dir=os.path.join(workdir, "out"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-5,
+        logging_steps=args.logging_steps,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, callbacks=callbacks)
     start = time.perf_counter()
@@ -98,9 +112,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch * args.steps, args.seq), generator=g).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"model {n_params / 1e6:.1f} M params, {args.steps} steps, measure every {args.logging_steps}, "
-          f"{args.repeats} repeats, device {args.device}")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"model {n_params / 1e6:.1f} M params, {args.steps} steps, measure every {args.logging_steps}, "
+        f"{args.repeats} repeats, device {args.device}"
+    )
 
     _run(args, state_dict, dataset, True, workdir)  # warm-up (imports, MLflow store creation, allocator)
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
@@ -113,8 +129,10 @@ def main() -> None:
     for index, what in ((0, "steps"), (1, "train()")):
         without = statistics.median(t[index] for t in times[False])
         with_cb = statistics.median(t[index] for t in times[True])
-        print(f"{what:>8}: without {without:.3f} s, with {with_cb:.3f} s, overhead {with_cb / without - 1:+.1%} "
-              f"({(with_cb - without) / args.steps * 1000:+.1f} ms per step)")
+        print(
+            f"{what:>8}: without {without:.3f} s, with {with_cb:.3f} s, overhead {with_cb / without - 1:+.1%} "
+            f"({(with_cb - without) / args.steps * 1000:+.1f} ms per step)"
+        )
 
 
 if __name__ == "__main__":

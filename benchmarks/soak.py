@@ -55,8 +55,11 @@ def main() -> None:
             rss = process.memory_info().rss / 2**20
             first_rss = first_rss if first_rss is not None else rss
             elapsed = (time.perf_counter() - start) / step * 1e3
-            print(f"{step:>9} {rss:>9.1f} {rss - first_rss:>10.2f} {len(tracker.history):>8} "
-                  f"{len(m.to_metrics()):>5} {elapsed:>8.2f}", flush=True)
+            print(
+                f"{step:>9} {rss:>9.1f} {rss - first_rss:>10.2f} {len(tracker.history):>8} "
+                f"{len(m.to_metrics()):>5} {elapsed:>8.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,25 @@ class _DevTools:
 
         self._profile = tempfile.mkdtemp(prefix="chromium_")
         self.process = subprocess.Popen(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "--hide-scrollbars",
-             "--remote-debugging-pipe", "about:blank"],
-            pass_fds=tuple(sorted({to_child_r, from_child_w, 3, 4})), preexec_fn=wire, stdout=subprocess.DEVNULL,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            pass_fds=tuple(sorted({to_child_r, from_child_w, 3, 4})),
+            preexec_fn=wire,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         os.close(to_child_r)
@@ -167,9 +181,24 @@ def main() -> None:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", store_uri, "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            store_uri,
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -180,7 +209,7 @@ def main() -> None:
                     break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("mlflow server did not start")
+                    raise SystemExit("mlflow server did not start") from None
                 time.sleep(0.5)
         url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
         width, height = (int(v) for v in options.window.split(","))

@@ -17,8 +17,15 @@ from sparsity_callbacks import Mask, SparsityTracker
 
 def main(steps: int = 60, lr: float = 3e-6) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
@@ -38,15 +45,19 @@ def main(steps: int = 60, lr: float = 3e-6) -> None:
         if step % 10 == 0:
             full, rounded = fp32.measure(step), bf16.measure(step)
             churn = f"{rounded.churn_fraction:11.2%}" if rounded.has_churn else f"{'-':>11}"
-            print(f"{step:5d} {loss.item():7.3f} {full.changed_fraction:13.2%} {rounded.changed_fraction:13.2%} "
-                  f"{rounded.ever_changed_fraction:10.2%} {churn}")
+            print(
+                f"{step:5d} {loss.item():7.3f} {full.changed_fraction:13.2%} {rounded.changed_fraction:13.2%} "
+                f"{rounded.ever_changed_fraction:10.2%} {churn}"
+            )
 
     mask = bf16.ever_changed_mask()
     mask.save("custom_loop_mask.safetensors")
     by_module = rounded.by_module_type()
     busiest = max(by_module, key=lambda k: by_module[k].changed / by_module[k].numel)
-    print(f"\nbf16 update sparsity after {steps} steps: {rounded.update_sparsity:.2%} "
-          f"(the papers report 68-96 % on published RL checkpoints); most-updated module type: {busiest}")
+    print(
+        f"\nbf16 update sparsity after {steps} steps: {rounded.update_sparsity:.2%} "
+        f"(the papers report 68-96 % on published RL checkpoints); most-updated module type: {busiest}"
+    )
     print(f"ever-changed mask: {Mask.load('custom_loop_mask.safetensors')} -> custom_loop_mask.safetensors")
 
 

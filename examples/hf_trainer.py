@@ -51,18 +51,27 @@ def counting_dataset(tokenizer: PreTrainedTokenizerFast, n: int = 512, length: i
 def main(max_steps: int = 40, learning_rate: float = 1e-5, output_dir: str | None = None) -> SparsityCallback:
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    )
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(prefix="hf_trainer_"),
         max_steps=max_steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,  # one sparsity measurement per optimizer step, not per micro-batch
-        logging_steps=5,                # the callback measures at the same cadence (every_n_steps=None)
+        logging_steps=5,  # the callback measures at the same cadence (every_n_steps=None)
         save_steps=20,
         report_to="mlflow",
         run_name="hf_trainer_sparsity",
@@ -74,15 +83,19 @@ def main(max_steps: int = 40, learning_rate: float = 1e-5, output_dir: str | Non
 
     final = callback.last_measurement
     print(f"\nafter {final.step} optimizer steps at lr={learning_rate:g}, compared in bfloat16:")
-    print(f"  changed now:   {final.changed_fraction:7.2%} of {final.numel:,} weights "
-          f"(update sparsity {final.update_sparsity:.2%})")
+    print(
+        f"  changed now:   {final.changed_fraction:7.2%} of {final.numel:,} weights "
+        f"(update sparsity {final.update_sparsity:.2%})"
+    )
     print(f"  ever changed:  {final.ever_changed_fraction:7.2%}")
     print(f"  tracker state saved beside the checkpoints in {args.output_dir}")
     import mlflow
 
     print(f"\nMLflow run {callback.run_id} at {mlflow.get_tracking_uri()}")
-    print("look at it with:  mlflow ui --backend-store-uri "
-          f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
+    print(
+        "look at it with:  mlflow ui --backend-store-uri "
+        f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}"
+    )
     return callback
 
 

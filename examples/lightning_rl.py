@@ -39,13 +39,28 @@ def even_token_reward(completions: torch.Tensor) -> torch.Tensor:
 class GRPOPolicy(pl.LightningModule):
     """One optimizer step per batch of ``prompts_per_step`` prompts x ``group_size`` sampled completions."""
 
-    def __init__(self, vocab_size: int = 64, prompt_len: int = 4, completion_len: int = 8, group_size: int = 8,
-                 prompts_per_step: int = 4, lr: float = 5e-5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        prompt_len: int = 4,
+        completion_len: int = 8,
+        group_size: int = 8,
+        prompts_per_step: int = 4,
+        lr: float = 5e-5,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         self.policy = LlamaForCausalLM(config)
 
     @torch.no_grad()
@@ -94,8 +109,14 @@ def main() -> None:
     logger = MLFlowLogger(experiment_name=args.experiment, tracking_uri=args.tracking_uri)
     sparsity = SparsityCallback(compare_dtype="bfloat16", every_n_steps=5)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.steps, logger=logger, callbacks=[sparsity], log_every_n_steps=5,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=logger,
+        callbacks=[sparsity],
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
     )
     model = GRPOPolicy(lr=args.lr)
     prompts = DataLoader(list(range(args.steps)), batch_size=1)  # one prompt seed per step
@@ -109,11 +130,14 @@ def main() -> None:
     print(f"\n{args.steps} GRPO steps in {time.perf_counter() - start:.0f} s; reward {first:.3f} -> {last:.3f}")
     print(f"changed fraction (bf16):      {m.changed_fraction:.4f}  (update sparsity {m.update_sparsity:.4f})")
     print(f"ever-changed fraction (bf16): {m.ever_changed_fraction:.4f}")
-    print("curve (step: changed / ever-changed):",
-          ", ".join(f"{int(p['step'])}: {p['changed_fraction']:.3f}/{p['ever_changed_fraction']:.3f}"
-                    for p in history))
-    print(f"MLflow run {logger.run_id} in experiment {args.experiment!r}. Look at it with:\n"
-          f"  mlflow ui --backend-store-uri {args.tracking_uri}")
+    print(
+        "curve (step: changed / ever-changed):",
+        ", ".join(f"{int(p['step'])}: {p['changed_fraction']:.3f}/{p['ever_changed_fraction']:.3f}" for p in history),
+    )
+    print(
+        f"MLflow run {logger.run_id} in experiment {args.experiment!r}. Look at it with:\n"
+        f"  mlflow ui --backend-store-uri {args.tracking_uri}"
+    )
 
 
 if __name__ == "__main__":

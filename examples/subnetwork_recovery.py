@@ -30,8 +30,15 @@ VOCAB, PROMPT_LEN, COMPLETION_LEN, GROUP = 32, 4, 8, 16
 
 def make_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -40,8 +47,13 @@ def reward(completions: torch.Tensor) -> torch.Tensor:
     return (completions % 2 == 0).float().mean(dim=1)
 
 
-def train(model: LlamaForCausalLM, steps: int, lr: float, freeze_to: Mask | None = None,
-          tracker: SparsityTracker | None = None) -> list[float]:
+def train(
+    model: LlamaForCausalLM,
+    steps: int,
+    lr: float,
+    freeze_to: Mask | None = None,
+    tracker: SparsityTracker | None = None,
+) -> list[float]:
     """GRPO-style steps: sample a group of completions per prompt, advantage = reward - group mean."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     freezer = None
@@ -70,8 +82,10 @@ def train(model: LlamaForCausalLM, steps: int, lr: float, freeze_to: Mask | None
         rewards.append(r.mean().item())
         if tracker is not None and step % 10 == 0:
             m = tracker.measure(step)
-            print(f"  step {step:3d}  reward {sum(rewards[-10:]) / 10:.3f}  changed (bf16) "
-                  f"{m.changed_fraction:6.2%}  ever changed {m.ever_changed_fraction:6.2%}")
+            print(
+                f"  step {step:3d}  reward {sum(rewards[-10:]) / 10:.3f}  changed (bf16) "
+                f"{m.changed_fraction:6.2%}  ever changed {m.ever_changed_fraction:6.2%}"
+            )
     if freezer is not None:
         freezer.detach()
     return rewards
@@ -79,7 +93,9 @@ def train(model: LlamaForCausalLM, steps: int, lr: float, freeze_to: Mask | None
 
 def _top_fraction_mask(model: torch.nn.Module, tracker: SparsityTracker, fraction: float) -> Mask:
     """The ``fraction`` of tracked elements that moved most, by |w - ref| (one global threshold)."""
-    delta = {n: (p.detach() - tracker.reference(n).float()).abs() for n, p in model.named_parameters() if n in tracker.names}
+    delta = {
+        n: (p.detach() - tracker.reference(n).float()).abs() for n, p in model.named_parameters() if n in tracker.names
+    }
     flat = torch.cat([d.view(-1) for d in delta.values()])
     threshold = flat.kthvalue(flat.numel() - int(fraction * flat.numel())).values
     return Mask({n: d > threshold for n, d in delta.items()}, signatures=tracker.signatures)
@@ -87,7 +103,9 @@ def _top_fraction_mask(model: torch.nn.Module, tracker: SparsityTracker, fractio
 
 def _random_mask(like: Mask, fraction: float) -> Mask:
     generator = torch.Generator().manual_seed(2)
-    return Mask({n: torch.rand(like.shapes[n], generator=generator) < fraction for n in like}, signatures=like.signatures)
+    return Mask(
+        {n: torch.rand(like.shapes[n], generator=generator) < fraction for n in like}, signatures=like.signatures
+    )
 
 
 def main(steps: int = 60, lr: float = 1e-4, fraction: float = 0.2) -> dict[str, dict[str, float]]:
@@ -117,7 +135,10 @@ def main(steps: int = 60, lr: float = 1e-4, fraction: float = 0.2) -> dict[str, 
     numel = sum(p.numel() for p in full.parameters())
 
     def identical(model: torch.nn.Module, compare) -> float:
-        return sum(int(compare(a.detach(), b.detach()).sum()) for a, b in zip(full.parameters(), model.parameters())) / numel
+        return (
+            sum(int(compare(a.detach(), b.detach()).sum()) for a, b in zip(full.parameters(), model.parameters()))
+            / numel
+        )
 
     table = {}
     for label, rewards in runs.items():
@@ -135,7 +156,10 @@ def main(steps: int = 60, lr: float = 1e-4, fraction: float = 0.2) -> dict[str, 
     for label, row in table.items():
         cells = [f"{v:.3f}" if k.startswith("reward") else f"{v:.1%}" for k, v in row.items()]
         print(f"| {label} | {' | '.join(cells)} |")
-    print(f"(reward = mean over the first / last {tail} steps; 'same as full' = elements equal to the full run's final model)")
+    print(
+        f"(reward = mean over the first / last {tail} steps; "
+        "'same as full' = elements equal to the full run's final model)"
+    )
 
     try:
         import mlflow
@@ -145,7 +169,9 @@ def main(steps: int = 60, lr: float = 1e-4, fraction: float = 0.2) -> dict[str, 
         with mlflow.start_run(run_name=f"subnetwork recovery: {label}") as run:
             for step, value in enumerate(rewards, start=1):
                 mlflow.log_metric("reward", value, step=step)
-            mlflow.log_metrics({k.replace(":", "").replace(" ", "_").replace("|", ""): v for k, v in table[label].items()})
+            mlflow.log_metrics(
+                {k.replace(":", "").replace(" ", "_").replace("|", ""): v for k, v in table[label].items()}
+            )
             print(f"MLflow run {run.info.run_id}: {label}")
     return table
 

@@ -43,9 +43,17 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
     """A 4-layer Llama-style causal LM (~0.2 M parameters) with random weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return LlamaForCausalLM(config)
 
@@ -81,20 +89,30 @@ def main(max_steps: int = 40, learning_rate: float = 5e-6, output_dir: str | Non
         seed=0,
     )
     callback = SparsityCallback(compare_dtype="bfloat16")
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=preference_pairs(),
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=preference_pairs(),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     trainer.train()
 
     final = callback.last_measurement
     print(f"\nafter {final.step} DPO steps at lr={learning_rate:g}, compared in bfloat16:")
-    print(f"  changed now:   {final.changed_fraction:7.2%} of {final.numel:,} weights "
-          f"(update sparsity {final.update_sparsity:.2%})")
+    print(
+        f"  changed now:   {final.changed_fraction:7.2%} of {final.numel:,} weights "
+        f"(update sparsity {final.update_sparsity:.2%})"
+    )
     print(f"  ever changed:  {final.ever_changed_fraction:7.2%}")
     import mlflow
 
     print(f"\nMLflow run {callback.run_id} at {mlflow.get_tracking_uri()}")
-    print("look at it with:  mlflow ui --backend-store-uri "
-          f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
+    print(
+        "look at it with:  mlflow ui --backend-store-uri "
+        f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}"
+    )
     return callback
 
 

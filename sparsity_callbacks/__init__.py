@@ -6,7 +6,16 @@ from sparsity_callbacks.masks import Mask, Overlap
 from sparsity_callbacks.report import Measurement, TensorCounts
 from sparsity_callbacks.tracker import SparsityTracker
 
-__all__ = ["Mask", "MaskFreezer", "Measurement", "Overlap", "SparsityCallback", "SparsityConfig", "SparsityTracker", "TensorCounts"]
+__all__ = [
+    "Mask",
+    "MaskFreezer",
+    "Measurement",
+    "Overlap",
+    "SparsityCallback",
+    "SparsityConfig",
+    "SparsityTracker",
+    "TensorCounts",
+]
 __version__ = "0.1.0"
 
 

@@ -78,23 +78,40 @@ def _parser() -> argparse.ArgumentParser:
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=fmt, epilog=_MAIN_EPILOG,
+        prog=PROG,
+        formatter_class=fmt,
+        epilog=_MAIN_EPILOG,
         description="Analyse which weights RL fine-tuning changed: diff checkpoints, compare masks, render reports.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    diff = sub.add_parser("diff", help="which elements of TUNED differ from BASE", formatter_class=fmt,
-                          epilog=_DIFF_EPILOG, description="Count the elements of TUNED that differ from BASE, "
-                          "per tensor, layer, module type and overall.")
+    diff = sub.add_parser(
+        "diff",
+        help="which elements of TUNED differ from BASE",
+        formatter_class=fmt,
+        epilog=_DIFF_EPILOG,
+        description="Count the elements of TUNED that differ from BASE, per tensor, layer, module type and overall.",
+    )
     diff.add_argument("base", metavar="BASE", help="the model before fine-tuning")
     diff.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
-    diff.add_argument("--atol", type=_nonnegative_float, action="append", metavar="ATOL",
-                      help="also count |tuned - base| > ATOL; repeatable, each gives a column (default: 1e-5)")
-    diff.add_argument("--compare-dtype", choices=("float32", "bfloat16", "float16"),
-                      help="cast both to this dtype first (bfloat16: fp32 drift below one bf16 ulp is unchanged)")
-    diff.add_argument("--rank", action="store_true",
-                      help="numerical rank of each 2-D update tuned - base, as rank / min(shape) (slow: one SVD each)")
+    diff.add_argument(
+        "--atol",
+        type=_nonnegative_float,
+        action="append",
+        metavar="ATOL",
+        help="also count |tuned - base| > ATOL; repeatable, each gives a column (default: 1e-5)",
+    )
+    diff.add_argument(
+        "--compare-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="cast both to this dtype first (bfloat16: fp32 drift below one bf16 ulp is unchanged)",
+    )
+    diff.add_argument(
+        "--rank",
+        action="store_true",
+        help="numerical rank of each 2-D update tuned - base, as rank / min(shape) (slow: one SVD each)",
+    )
     diff.add_argument("--per-tensor", action="store_true", help="also print one row per tensor")
     diff.add_argument("--json", metavar="PATH", help="write the full result as JSON to PATH ('-': stdout, no table)")
     diff.add_argument("--mask", metavar="OUT", help="write the changed mask (bits differ) as a mask safetensors file")
@@ -102,21 +119,31 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
     diff.set_defaults(func=_cmd_diff)
 
-    overlap = sub.add_parser("overlap", help="how far masks overlap, against chance", formatter_class=fmt,
-                             epilog=_OVERLAP_EPILOG, description="Overlap and Jaccard of two or more masks, with "
-                             "the values expected by chance.")
+    overlap = sub.add_parser(
+        "overlap",
+        help="how far masks overlap, against chance",
+        formatter_class=fmt,
+        epilog=_OVERLAP_EPILOG,
+        description="Overlap and Jaccard of two or more masks, with the values expected by chance.",
+    )
     overlap.add_argument("masks", metavar="MASK", nargs="+", help="two or more masks of the same model")
     overlap.add_argument("--per-tensor", action="store_true", help="also one row per tensor (two masks)")
     overlap.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': stdout, no table)")
     _mlflow_args(overlap, log=False)
     overlap.set_defaults(func=_cmd_overlap)
 
-    report = sub.add_parser("report", help="summary and heatmap of a mask or a run", formatter_class=fmt,
-                            epilog=_REPORT_EPILOG, description="Print the density per module type and the "
-                            "layer x module heatmap of a mask, a report JSON or an MLflow run; write the heatmap PNG.")
+    report = sub.add_parser(
+        "report",
+        help="summary and heatmap of a mask or a run",
+        formatter_class=fmt,
+        epilog=_REPORT_EPILOG,
+        description="Print the density per module type and the "
+        "layer x module heatmap of a mask, a report JSON or an MLflow run; write the heatmap PNG.",
+    )
     report.add_argument("source", metavar="MASK_OR_RUN", help="mask file, report JSON, MLflow run id or runs:/ URI")
-    report.add_argument("--png", default="sparsity_report.png", metavar="PATH",
-                        help="where to write the heatmap (default: %(default)s)")
+    report.add_argument(
+        "--png", default="sparsity_report.png", metavar="PATH", help="where to write the heatmap (default: %(default)s)"
+    )
     report.add_argument("--title", help="heatmap title (default: the source)")
     _mlflow_args(report, log=False)
     report.set_defaults(func=_cmd_report)
@@ -125,11 +152,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _mlflow_args(parser: argparse.ArgumentParser, *, log: bool) -> None:
     if log:
-        parser.add_argument("--mlflow", action="store_true",
-                            help="log the diff as a new MLflow run (metrics, params, report.json, heatmap, mask)")
-        parser.add_argument("--experiment", help="MLflow experiment for --mlflow (default: MLFLOW_EXPERIMENT_NAME or Default)")
+        parser.add_argument(
+            "--mlflow",
+            action="store_true",
+            help="log the diff as a new MLflow run (metrics, params, report.json, heatmap, mask)",
+        )
+        parser.add_argument(
+            "--experiment", help="MLflow experiment for --mlflow (default: MLFLOW_EXPERIMENT_NAME or Default)"
+        )
         parser.add_argument("--run-name", help="MLflow run name for --mlflow")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default)"
+    )
 
 
 def _nonnegative_float(text: str) -> float:
@@ -166,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SPARSITY_CALLBACKS_DEBUG"):
             raise
         known = isinstance(err, (ValueError, OSError, ImportError))
-        _error(args.command, err if known else f"{type(err).__name__}: {err} (set SPARSITY_CALLBACKS_DEBUG=1 "
-                                                 "for the traceback)")
+        _error(
+            args.command,
+            err if known else f"{type(err).__name__}: {err} (set SPARSITY_CALLBACKS_DEBUG=1 for the traceback)",
+        )
         return 1
 
 
@@ -190,13 +226,22 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     atols = tuple(args.atol) if args.atol else (1e-5,)
     want_mask = bool(args.mask or args.mlflow)
     progress = not args.quiet and sys.stderr.isatty()
-    result = diff_checkpoints(args.base, args.tuned, atol=atols, compare_dtype=args.compare_dtype,
-                              rank=args.rank, mask=want_mask, progress=progress)
+    result = diff_checkpoints(
+        args.base,
+        args.tuned,
+        atol=atols,
+        compare_dtype=args.compare_dtype,
+        rank=args.rank,
+        mask=want_mask,
+        progress=progress,
+    )
     data = result.to_dict()
     if args.mask:
         result.mask.save(args.mask)
-        _note(f"wrote the changed mask ({result.mask.count():,} of {result.mask.numel():,} elements) to {args.mask}",
-              args.quiet)
+        _note(
+            f"wrote the changed mask ({result.mask.count():,} of {result.mask.numel():,} elements) to {args.mask}",
+            args.quiet,
+        )
     if args.mlflow:
         data["mlflow_run_id"] = _log_diff_to_mlflow(result, data, args)
         _note(f"logged to MLflow run {data['mlflow_run_id']}", args.quiet)
@@ -206,8 +251,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         _print_diff(result, args, data.get("mlflow_run_id"))
     skipped = result.skipped
     if skipped:
-        _note(f"warning: {len(skipped)} tensor(s) not compared ({_skip_summary(result)}); "
-              "they are listed in the output", args.quiet)
+        _note(
+            f"warning: {len(skipped)} tensor(s) not compared ({_skip_summary(result)}); they are listed in the output",
+            args.quiet,
+        )
     return 0
 
 
@@ -218,8 +265,14 @@ def _log_diff_to_mlflow(result, data: dict, args: argparse.Namespace) -> str | N
     name = args.run_name or f"diff {_short(result.base)} -> {_short(result.tuned)}"
     sink = MLflowSink(tracking_uri=args.tracking_uri, experiment=args.experiment, run_name=name)
     try:
-        sink.log_params({"base": result.base, "tuned": result.tuned, "atol": ",".join(f"{a:g}" for a in result.atols),
-                         "compare_dtype": result.compare_dtype or "as stored"})
+        sink.log_params(
+            {
+                "base": result.base,
+                "tuned": result.tuned,
+                "atol": ",".join(f"{a:g}" for a in result.atols),
+                "compare_dtype": result.compare_dtype or "as stored",
+            }
+        )
         sink.log_metrics(result.to_metrics(per_tensor=args.per_tensor), step=0)
         run_id = sink.run_id
         with tempfile.TemporaryDirectory(prefix="sparsity_diff_") as tmp:
@@ -246,58 +299,106 @@ def _print_diff(result, args: argparse.Namespace, run_id: str | None) -> None:
     size = sum(t.numel for t in result.tensors.values())
     out.line(f"BASE   {result.base}")
     out.line(f"TUNED  {result.tuned}")
-    out.line(f"compared {len(result.tensors)} tensors, {size:,} elements, "
-             f"as {result.compare_dtype or 'stored'}, in {result.seconds:.1f} s"
-             + (f"; MLflow run {run_id}" if run_id else ""))
+    out.line(
+        f"compared {len(result.tensors)} tensors, {size:,} elements, "
+        f"as {result.compare_dtype or 'stored'}, in {result.seconds:.1f} s"
+        + (f"; MLflow run {run_id}" if run_id else "")
+    )
     atol_cols = [f"|Δ|>{a:g}" for a in result.atols]
     rank_col = ["rank/min"] if args.rank else []  # mean of rank(ΔW) / min(shape) over changed 2-D tensors
 
     def ranks_of(names: list[str]) -> list[str]:
         if not args.rank:
             return []
-        rel = [result.tensors[n].relative_rank for n in names
-               if result.tensors[n].relative_rank is not None and result.tensors[n].changed]
+        rel = [
+            result.tensors[n].relative_rank
+            for n in names
+            if result.tensors[n].relative_rank is not None and result.tensors[n].changed
+        ]
         return [f"{sum(rel) / len(rel):.3f}" if rel else "-"]
 
-    rows = [["all", f"{m.numel:,}", f"{int(m.changed):,}", _pct(m.changed_fraction),
-             *[_pct(w.changed_fraction) for w in within.values()], *ranks_of(list(result.tensors))]]
-    out.table("Changed elements (bits differ); update sparsity = "
-              f"{_pct(m.update_sparsity)}", ["", "elements", "changed", "changed %", *atol_cols, *rank_col], rows)
+    rows = [
+        [
+            "all",
+            f"{m.numel:,}",
+            f"{int(m.changed):,}",
+            _pct(m.changed_fraction),
+            *[_pct(w.changed_fraction) for w in within.values()],
+            *ranks_of(list(result.tensors)),
+        ]
+    ]
+    out.table(
+        f"Changed elements (bits differ); update sparsity = {_pct(m.update_sparsity)}",
+        ["", "elements", "changed", "changed %", *atol_cols, *rank_col],
+        rows,
+    )
 
     def group_rows(groups: Mapping[Any, Any], by_atol: Mapping[float, Mapping[Any, Any]], members) -> list[list[str]]:
-        return [[str(key), f"{c.numel:,}", f"{c.changed:,}", _pct(_frac(c.changed, c.numel)),
-                 *[_pct(_frac(by_atol[a][key].changed, c.numel)) for a in result.atols], *ranks_of(members(key))]
-                for key, c in groups.items()]
+        return [
+            [
+                str(key),
+                f"{c.numel:,}",
+                f"{c.changed:,}",
+                _pct(_frac(c.changed, c.numel)),
+                *[_pct(_frac(by_atol[a][key].changed, c.numel)) for a in result.atols],
+                *ranks_of(members(key)),
+            ]
+            for key, c in groups.items()
+        ]
 
     from sparsity_callbacks.params import _layer_index, _module_type
 
     types = dict(sorted(m.by_module_type().items()))
-    out.table("Per module type", ["module type", "elements", "changed", "changed %", *atol_cols, *rank_col],
-              group_rows(types, {a: w.by_module_type() for a, w in within.items()},
-                         lambda k: [n for n in result.tensors if _module_type(n) == k]))
+    out.table(
+        "Per module type",
+        ["module type", "elements", "changed", "changed %", *atol_cols, *rank_col],
+        group_rows(
+            types,
+            {a: w.by_module_type() for a, w in within.items()},
+            lambda k: [n for n in result.tensors if _module_type(n) == k],
+        ),
+    )
     layers = dict(sorted(m.by_layer().items()))
     if layers:
-        out.table("Per layer", ["layer", "elements", "changed", "changed %", *atol_cols, *rank_col],
-                  group_rows(layers, {a: w.by_layer() for a, w in within.items()},
-                             lambda k: [n for n in result.tensors if _layer_index(n) == k]))
+        out.table(
+            "Per layer",
+            ["layer", "elements", "changed", "changed %", *atol_cols, *rank_col],
+            group_rows(
+                layers,
+                {a: w.by_layer() for a, w in within.items()},
+                lambda k: [n for n in result.tensors if _layer_index(n) == k],
+            ),
+        )
     if args.per_tensor:
         rows = []
         for name, t in result.tensors.items():
             rank = [f"{t.rank}/{t.max_rank}" if t.rank is not None else "-"] if args.rank else []
-            rows.append([name, "x".join(map(str, t.shape)), t.dtype, f"{t.changed:,}", _pct(_frac(t.changed, t.numel)),
-                         *[_pct(_frac(c, t.numel)) for c in t.within], *rank])
+            rows.append(
+                [
+                    name,
+                    "x".join(map(str, t.shape)),
+                    t.dtype,
+                    f"{t.changed:,}",
+                    _pct(_frac(t.changed, t.numel)),
+                    *[_pct(_frac(c, t.numel)) for c in t.within],
+                    *rank,
+                ]
+            )
         out.table("Per tensor", ["tensor", "shape", "dtype", "changed", "changed %", *atol_cols, *rank_col], rows)
     if m.nonfinite:
         out.line(f"note: TUNED holds {m.nonfinite:,} NaN/inf elements.")
     _print_skipped(out, result)
 
 
-def _print_skipped(out: "_Output", result) -> None:
+def _print_skipped(out: _Output, result) -> None:
     groups = [
         ("only in BASE", result.only_in_base, ""),
         ("only in TUNED", result.only_in_tuned, ""),
-        ("different dtype (pass --compare-dtype to compare them)",
-         [f"{n} ({a} vs {b})" for n, (a, b) in result.dtype_mismatch.items()], ""),
+        (
+            "different dtype (pass --compare-dtype to compare them)",
+            [f"{n} ({a} vs {b})" for n, (a, b) in result.dtype_mismatch.items()],
+            "",
+        ),
         ("not floating point", [f"{n} ({d})" for n, d in result.not_float.items()], ""),
     ]
     limit = 25
@@ -312,8 +413,12 @@ def _print_skipped(out: "_Output", result) -> None:
 
 
 def _skip_summary(result) -> str:
-    parts = [(len(result.only_in_base), "only in BASE"), (len(result.only_in_tuned), "only in TUNED"),
-             (len(result.dtype_mismatch), "different dtype"), (len(result.not_float), "not floating point")]
+    parts = [
+        (len(result.only_in_base), "only in BASE"),
+        (len(result.only_in_tuned), "only in TUNED"),
+        (len(result.dtype_mismatch), "different dtype"),
+        (len(result.not_float), "not floating point"),
+    ]
     return ", ".join(f"{n} {what}" for n, what in parts if n)
 
 
@@ -324,14 +429,17 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
     from sparsity_callbacks.masks import Mask, check_matches
 
     if len(args.masks) < 2:
-        raise _UsageError(f"overlap needs at least two masks, got {len(args.masks)}. "
-                          "HINT: sparsity-callbacks overlap A.safetensors B.safetensors")
+        raise _UsageError(
+            f"overlap needs at least two masks, got {len(args.masks)}. "
+            "HINT: sparsity-callbacks overlap A.safetensors B.safetensors"
+        )
     with _tracking_uri(args.tracking_uri):
         masks = [Mask.load(src) for src in args.masks]
     for src, mask in zip(args.masks[1:], masks[1:]):
         try:
-            check_matches(masks[0].shapes, mask.shapes, None, None, what=f"mask {src!r}",
-                          mask_label=f"mask {args.masks[0]!r}")
+            check_matches(
+                masks[0].shapes, mask.shapes, None, None, what=f"mask {src!r}", mask_label=f"mask {args.masks[0]!r}"
+            )
         except ValueError as err:
             raise _UsageError(f"the masks cover different tensors: {err}") from None
     labels = _labels(args.masks)
@@ -369,7 +477,8 @@ def _overlap_pair(masks, labels, args) -> dict:
 
     o = masks[0].overlap(masks[1])
     data = {
-        "kind": "sparsity_callbacks.overlap", "labels": labels,
+        "kind": "sparsity_callbacks.overlap",
+        "labels": labels,
         "density": [masks[0].density, masks[1].density],
         "global": o.to_dict(),
         "module_types": {k: v.to_dict() for k, v in _group_overlap(o.per_tensor, _module_type).items()},
@@ -397,12 +506,17 @@ def _overlap_matrix(masks, labels) -> dict:
         return ratio(e, a + b - e)
 
     return {
-        "kind": "sparsity_callbacks.overlap", "labels": labels, "numel": numel, "sizes": counts,
+        "kind": "sparsity_callbacks.overlap",
+        "labels": labels,
+        "numel": numel,
+        "sizes": counts,
         "density": [ratio(c, numel) for c in counts],
         "overlap": [[ratio(inter[i][j], counts[i]) for j in range(k)] for i in range(k)],
         "jaccard": [[ratio(inter[i][j], counts[i] + counts[j] - inter[i][j]) for j in range(k)] for i in range(k)],
         "chance_overlap": [[1.0 if i == j else ratio(counts[j], numel) for j in range(k)] for i in range(k)],
-        "chance_jaccard": [[1.0 if i == j else chance_jaccard(counts[i], counts[j]) for j in range(k)] for i in range(k)],
+        "chance_jaccard": [
+            [1.0 if i == j else chance_jaccard(counts[i], counts[j]) for j in range(k)] for i in range(k)
+        ],
         "intersection": inter,
     }
 
@@ -417,17 +531,30 @@ def _print_overlap(data: dict, masks, args) -> None:
         cols = ["", f"o({a},{b})", "chance", f"o({b},{a})", "chance", "Jaccard", "chance", f"|{a}|", f"|{b}|", "|A∩B|"]
 
         def row(key: str, o: Mapping[str, Any]) -> list[str]:
-            return [key, _num(o["overlap_ab"]), _num(o["chance_ab"]), _num(o["overlap_ba"]), _num(o["chance_ba"]),
-                    _num(o["jaccard"]), _num(o["chance_jaccard"]), f"{o['size_a']:,}", f"{o['size_b']:,}",
-                    f"{o['intersection']:,}"]
+            return [
+                key,
+                _num(o["overlap_ab"]),
+                _num(o["chance_ab"]),
+                _num(o["overlap_ba"]),
+                _num(o["chance_ba"]),
+                _num(o["jaccard"]),
+                _num(o["chance_jaccard"]),
+                f"{o['size_a']:,}",
+                f"{o['size_b']:,}",
+                f"{o['intersection']:,}",
+            ]
 
         out.table("Overlap, global", cols, [row("all", data["global"])])
         out.table("Per module type", ["module type", *cols[1:]], [row(k, v) for k, v in data["module_types"].items()])
         if "tensors" in data:
             out.table("Per tensor", ["tensor", *cols[1:]], [row(k, v) for k, v in data["tensors"].items()])
         return
-    for key, title in (("overlap", "o(row, col) = |row ∩ col| / |row|"), ("chance_overlap", "chance o(row, col) = |col| / N"),
-                       ("jaccard", "Jaccard"), ("chance_jaccard", "chance Jaccard")):
+    for key, title in (
+        ("overlap", "o(row, col) = |row ∩ col| / |row|"),
+        ("chance_overlap", "chance o(row, col) = |col| / N"),
+        ("jaccard", "Jaccard"),
+        ("chance_jaccard", "chance Jaccard"),
+    ):
         out.table(title, ["", *labels], [[labels[i], *map(_num, r)] for i, r in enumerate(data[key])])
 
 
@@ -441,13 +568,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
         kind, m, extra = _load_report_source(args.source)
     out = _Output()
     out.line(f"{args.source}: {kind}")
-    out.line(f"{len(m.tensors)} tensors, {m.numel:,} elements; changed {int(m.changed):,} "
-             f"({_pct(m.changed_fraction)}), update sparsity {_pct(m.update_sparsity)}"
-             + (f", ever changed {_pct(m.ever_changed_fraction)}" if kind == "training report" else ""))
+    out.line(
+        f"{len(m.tensors)} tensors, {m.numel:,} elements; changed {int(m.changed):,} "
+        f"({_pct(m.changed_fraction)}), update sparsity {_pct(m.update_sparsity)}"
+        + (f", ever changed {_pct(m.ever_changed_fraction)}" if kind == "training report" else "")
+    )
     for line in extra:
         out.line(line)
-    rows = [[k, f"{c.numel:,}", f"{c.changed:,}", _pct(_frac(c.changed, c.numel))]
-            for k, c in sorted(m.by_module_type().items())]
+    rows = [
+        [k, f"{c.numel:,}", f"{c.changed:,}", _pct(_frac(c.changed, c.numel))]
+        for k, c in sorted(m.by_module_type().items())
+    ]
     out.table("Per module type", ["module type", "elements", "changed", "changed %"], rows)
     cells = _cells(m)
     out.line("Changed % per layer (rows) and module type (columns):")
@@ -475,9 +606,11 @@ def _load_report_source(source: str):
     if run_uri is None:
         if source.startswith(("models:/", "mlflow-artifacts:/", "s3://", "gs://", "dbfs:/")):
             return _from_mask(Mask.load(source))
-        raise FileNotFoundError(f"{source!r} is neither a file nor an MLflow run id / runs:/ URI. HINT: pass a "
-                                "mask file, a report JSON, a 32-character run id or runs:/<run_id>.")
-    parts = run_uri[len("runs:/"):].split("/", 1)
+        raise FileNotFoundError(
+            f"{source!r} is neither a file nor an MLflow run id / runs:/ URI. HINT: pass a "
+            "mask file, a report JSON, a 32-character run id or runs:/<run_id>."
+        )
+    parts = run_uri[len("runs:/") :].split("/", 1)
     if len(parts) == 2 and parts[1]:
         if parts[1].endswith(".json"):
             return _from_report_json(_download_json(run_uri), run_uri)
@@ -490,9 +623,11 @@ def _load_report_source(source: str):
     try:
         return _from_mask(Mask.load(f"{base}/mask.safetensors"))
     except ValueError as err:
-        raise FileNotFoundError(f"MLflow run {parts[0]} has neither sparsity/report.json nor a readable "
-                                f"sparsity/mask.safetensors ({err}). HINT: check the run id and --tracking-uri / "
-                                "MLFLOW_TRACKING_URI.") from None
+        raise FileNotFoundError(
+            f"MLflow run {parts[0]} has neither sparsity/report.json nor a readable "
+            f"sparsity/mask.safetensors ({err}). HINT: check the run id and --tracking-uri / "
+            "MLFLOW_TRACKING_URI."
+        ) from None
 
 
 def _download_json(uri: str) -> dict:
@@ -520,20 +655,33 @@ def _from_report_json(data: Any, source: str):
 
     found = _find_tensors(data)
     if found is None:
-        raise ValueError(f"{source} is not a sparsity report: it has no `tensors` table. HINT: pass a file "
-                         "written by `diff --json` or a run's sparsity/report.json.")
+        raise ValueError(
+            f"{source} is not a sparsity report: it has no `tensors` table. HINT: pass a file "
+            "written by `diff --json` or a run's sparsity/report.json."
+        )
     try:
-        tensors = {n: TensorCounts(int(r["numel"]), int(r.get("changed", 0)), int(r.get("ever_changed", 0)),
-                                   int(r.get("churn", 0))) for n, r in found["tensors"].items()}
+        tensors = {
+            n: TensorCounts(
+                int(r["numel"]), int(r.get("changed", 0)), int(r.get("ever_changed", 0)), int(r.get("churn", 0))
+            )
+            for n, r in found["tensors"].items()
+        }
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{source}: malformed `tensors` table ({type(err).__name__}: {err}).") from None
     kind = "diff report" if found.get("kind") == "sparsity_callbacks.diff" else "training report"
-    m = Measurement(found.get("step"), str(found.get("mode", "exact")), tensors, has_churn=False,
-                    changed_miss_probability=float(found.get("changed_miss_probability") or 0.0))
+    m = Measurement(
+        found.get("step"),
+        str(found.get("mode", "exact")),
+        tensors,
+        has_churn=False,
+        changed_miss_probability=float(found.get("changed_miss_probability") or 0.0),
+    )
     extra = []
     if kind == "diff report":
-        extra.append(f"BASE {found.get('base')}  TUNED {found.get('tuned')}  compare dtype "
-                     f"{found.get('compare_dtype') or 'as stored'}")
+        extra.append(
+            f"BASE {found.get('base')}  TUNED {found.get('tuned')}  compare dtype "
+            f"{found.get('compare_dtype') or 'as stored'}"
+        )
     elif found.get("step") is not None:
         extra.append(f"step {found['step']}, mode {found.get('mode')}")
     return kind, m, extra
@@ -623,8 +771,7 @@ class _Output:
             from rich.console import Console
 
             tty = sys.stdout.isatty()
-            self.console = Console(file=sys.stdout, highlight=False, width=None if tty else 200,
-                                   soft_wrap=not tty)
+            self.console = Console(file=sys.stdout, highlight=False, width=None if tty else 200, soft_wrap=not tty)
         except ImportError:
             self.console = None
 
@@ -646,7 +793,9 @@ class _Output:
                 table.add_row(*(Text(str(v)) for v in row))
             self.console.print(table)
             return
-        widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c)) for i, c in enumerate(columns)]
+        widths = [
+            max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c)) for i, c in enumerate(columns)
+        ]
         print(title)
         print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
         for row in rows:

@@ -128,7 +128,9 @@ class SparsityConfig:
                 try:
                     re.compile(pattern)
                 except re.error as err:
-                    raise ValueError(f"`{name}` pattern {pattern!r} is not a valid regular expression: {err}.") from None
+                    raise ValueError(
+                        f"`{name}` pattern {pattern!r} is not a valid regular expression: {err}."
+                    ) from None
         for name in ("per_tensor_metrics", "track_churn", "log_to_mlflow", "log_artifacts"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
@@ -170,7 +172,7 @@ class SparsityConfig:
             if value is not None and not isinstance(value, str):
                 raise _bad(name, value, "a string or None")
 
-    def replace(self, **overrides: Any) -> "SparsityConfig":
+    def replace(self, **overrides: Any) -> SparsityConfig:
         """A copy with ``overrides`` applied (validated). Unknown names raise `TypeError`."""
         known = {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
         unknown = sorted(set(overrides) - known)

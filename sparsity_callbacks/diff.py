@@ -47,14 +47,26 @@ __all__ = [
 ]
 
 _DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_COMPARE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "float64": torch.float64}
+_COMPARE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _MAX_HEADER = 100 << 20
 _SIGNATURE_SAMPLES = 4096  # as `params._tensor_signature`
@@ -147,8 +159,10 @@ def _resolve(source: str) -> str:
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). HINT: check the "
                 "path or the repository id, and HF_TOKEN for private repositories."
             ) from None
-    raise FileNotFoundError(f"{source!r} does not exist. HINT: pass a .safetensors file, a model folder, "
-                            "or a Hugging Face Hub id like `org/name`.")
+    raise FileNotFoundError(
+        f"{source!r} does not exist. HINT: pass a .safetensors file, a model folder, "
+        "or a Hugging Face Hub id like `org/name`."
+    )
 
 
 def _safetensors_files(root: str) -> list[str]:
@@ -160,14 +174,18 @@ def _safetensors_files(root: str) -> list[str]:
             with open(index, encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
-                                  "corrupt; re-save the model with `save_pretrained`.") from None
+            raise CheckpointError(
+                f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
+                "corrupt; re-save the model with `save_pretrained`."
+            ) from None
         files = sorted(set(weight_map.values()), key=lambda f: list(weight_map.values()).index(f))
         paths = [os.path.join(root, f) for f in files]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise CheckpointError(f"{index!r} lists {len(missing)} shard(s) that are not there (e.g. "
-                                  f"{os.path.basename(missing[0])!r}). HINT: the download is incomplete.")
+            raise CheckpointError(
+                f"{index!r} lists {len(missing)} shard(s) that are not there (e.g. "
+                f"{os.path.basename(missing[0])!r}). HINT: the download is incomplete."
+            )
         return paths
     single = os.path.join(root, "model.safetensors")
     if os.path.isfile(single):
@@ -175,8 +193,11 @@ def _safetensors_files(root: str) -> list[str]:
     found = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
     if not found:
         others = [f for f in os.listdir(root) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = (f" It has {others[:3]}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
-                if others else "")
+        hint = (
+            f" It has {others[:3]}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
+            if others
+            else ""
+        )
         raise CheckpointError(f"No .safetensors file in {root!r}.{hint}")
     return found
 
@@ -206,17 +227,21 @@ def _read_header(path: str) -> list[TensorInfo]:
             continue
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path,
-                              data_start + begin, end - begin)
+            info = TensorInfo(
+                name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path, data_start + begin, end - begin
+            )
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path!r}: corrupt header entry for tensor {name!r}. {hint}") from None
         if data_start + end > size or end < begin:
-            raise CheckpointError(f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, "
-                                  f"the file has {size}. {hint}")
+            raise CheckpointError(
+                f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}. {hint}"
+            )
         dtype = info.torch_dtype
         if dtype is not None and info.nbytes != info.numel * dtype.itemsize:
-            raise CheckpointError(f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
-                                  f"{list(info.shape)} of {info.dtype}. {hint}")
+            raise CheckpointError(
+                f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
+                f"{list(info.shape)} of {info.dtype}. {hint}"
+            )
         infos.append(info)
     return infos
 
@@ -272,8 +297,12 @@ class DiffResult:
         """``{tensor name: why it was not compared}``."""
         skipped = {n: "only in BASE" for n in self.only_in_base}
         skipped.update({n: "only in TUNED" for n in self.only_in_tuned})
-        skipped.update({n: f"dtype {a} in BASE, {b} in TUNED (pass compare_dtype to compare them)"
-                        for n, (a, b) in self.dtype_mismatch.items()})
+        skipped.update(
+            {
+                n: f"dtype {a} in BASE, {b} in TUNED (pass compare_dtype to compare them)"
+                for n, (a, b) in self.dtype_mismatch.items()
+            }
+        )
         skipped.update({n: f"not floating point ({d})" for n, d in self.not_float.items()})
         return skipped
 
@@ -321,18 +350,34 @@ class DiffResult:
         """JSON-serialisable result: `Measurement.to_dict()` of the exact diff (its ``tensors`` rows
         extended with shape, dtype, ``within`` and rank), plus the per-atol groups and what was skipped."""
         out = self.measurement().to_dict()
-        out.update({"kind": "sparsity_callbacks.diff", "base": self.base, "tuned": self.tuned,
-                    "atols": list(self.atols), "compare_dtype": self.compare_dtype})
+        out.update(
+            {
+                "kind": "sparsity_callbacks.diff",
+                "base": self.base,
+                "tuned": self.tuned,
+                "atols": list(self.atols),
+                "compare_dtype": self.compare_dtype,
+            }
+        )
         for name, row in out["tensors"].items():
             t = self.tensors[name]
-            row.update({"shape": list(t.shape), "dtype": t.dtype, "nonfinite": t.nonfinite,
-                        "within": {f"{a:g}": c for a, c in zip(self.atols, t.within)},
-                        "rank": t.rank, "max_rank": t.max_rank})
+            row.update(
+                {
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "nonfinite": t.nonfinite,
+                    "within": {f"{a:g}": c for a, c in zip(self.atols, t.within)},
+                    "rank": t.rank,
+                    "max_rank": t.max_rank,
+                }
+            )
         within = {}
         for atol in self.atols:
             m = self.measurement(atol)
             within[f"{atol:g}"] = {
-                "atol": atol, "changed": m.changed, "changed_fraction": m.changed_fraction,
+                "atol": atol,
+                "changed": m.changed,
+                "changed_fraction": m.changed_fraction,
                 "module_types": {k: v.changed for k, v in sorted(m.by_module_type().items())},
                 "layers": {str(k): v.changed for k, v in sorted(m.by_layer().items())},
             }
@@ -347,7 +392,7 @@ class DiffResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DiffResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> DiffResult:
         """Inverse of `to_dict` (without the mask)."""
         if data.get("kind") != "sparsity_callbacks.diff":
             raise ValueError("Not a diff result: the JSON has no `kind: sparsity_callbacks.diff`.")
@@ -355,15 +400,26 @@ class DiffResult:
         tensors = {}
         for name, row in data["tensors"].items():
             tensors[name] = TensorDiff(
-                name, tuple(row["shape"]), row["dtype"], int(row["numel"]), int(row["changed"]),
-                [int(row["within"][f"{a:g}"]) for a in atols], int(row.get("nonfinite", 0)), row.get("rank"),
+                name,
+                tuple(row["shape"]),
+                row["dtype"],
+                int(row["numel"]),
+                int(row["changed"]),
+                [int(row["within"][f"{a:g}"]) for a in atols],
+                int(row.get("nonfinite", 0)),
+                row.get("rank"),
             )
         return cls(
-            base=data["base"], tuned=data["tuned"], atols=atols, compare_dtype=data.get("compare_dtype"),
-            tensors=tensors, only_in_base=list(data.get("only_in_base", [])),
+            base=data["base"],
+            tuned=data["tuned"],
+            atols=atols,
+            compare_dtype=data.get("compare_dtype"),
+            tensors=tensors,
+            only_in_base=list(data.get("only_in_base", [])),
             only_in_tuned=list(data.get("only_in_tuned", [])),
             dtype_mismatch={n: (v[0], v[1]) for n, v in data.get("dtype_mismatch", {}).items()},
-            not_float=dict(data.get("not_float", {})), seconds=float(data.get("seconds", 0.0)),
+            not_float=dict(data.get("not_float", {})),
+            seconds=float(data.get("seconds", 0.0)),
             bytes_read=int(data.get("bytes_read", 0)),
         )
 
@@ -435,8 +491,9 @@ def diff_checkpoints(
         done_bytes += n * (job.a_item + job.b_item)
         report(done_bytes, t.name)
 
-    tasks = ((job, lo, min(chunk_numel, job.diff.numel - lo)) for job in jobs
-             for lo in range(0, job.diff.numel, chunk_numel))
+    tasks = (
+        (job, lo, min(chunk_numel, job.diff.numel - lo)) for job in jobs for lo in range(0, job.diff.numel, chunk_numel)
+    )
     try:
         if workers == 1:
             for job, lo, n in tasks:
@@ -468,8 +525,13 @@ def diff_checkpoints(
         shapes = {n: t.shape for n, t in result.tensors.items()}
         bits = {job.diff.name: torch.from_numpy(job.packed) for job in jobs}
         signatures = {job.diff.name: job.signature for job in jobs if job.signature is not None}
-        metadata = {"source": "diff", "base": a_ckpt.source, "tuned": b_ckpt.source,
-                    "compare_dtype": result.compare_dtype, "criterion": "bits differ"}
+        metadata = {
+            "source": "diff",
+            "base": a_ckpt.source,
+            "tuned": b_ckpt.source,
+            "compare_dtype": result.compare_dtype,
+            "criterion": "bits differ",
+        }
         result.mask = Mask._from_packed(bits, shapes, signatures, metadata)
     result.seconds = time.perf_counter() - start_time
     return result
@@ -507,8 +569,11 @@ def _plan(a: Checkpoint, b: Checkpoint, atols: tuple[float, ...], cdtype: str | 
     """Pair the tensors, check the shapes; returns ``(pairs, DiffResult with zero counts)``."""
     only_a = [n for n in a.tensors if n not in b.tensors]
     only_b = [n for n in b.tensors if n not in a.tensors]
-    shape_mismatch = [(n, a.tensors[n].shape, b.tensors[n].shape) for n in a.tensors
-                      if n in b.tensors and a.tensors[n].shape != b.tensors[n].shape]
+    shape_mismatch = [
+        (n, a.tensors[n].shape, b.tensors[n].shape)
+        for n in a.tensors
+        if n in b.tensors and a.tensors[n].shape != b.tensors[n].shape
+    ]
     if shape_mismatch:
         lines = "; ".join(f"{n}: {list(sa)} vs {list(sb)}" for n, sa, sb in shape_mismatch[:3])
         raise IncompatibleCheckpointsError(
@@ -535,16 +600,25 @@ def _plan(a: Checkpoint, b: Checkpoint, atols: tuple[float, ...], cdtype: str | 
             why.append(f"no tensor name is in both (e.g. {list(a.tensors)[:2]} vs {list(b.tensors)[:2]})")
         if dtype_mismatch:
             first = next(iter(dtype_mismatch.values()))
-            why.append(f"{len(dtype_mismatch)} tensor(s) differ in dtype ({first[0]} vs {first[1]}): pass "
-                       f"--compare-dtype {_code_to_name(first[1])} to compare them")
+            why.append(
+                f"{len(dtype_mismatch)} tensor(s) differ in dtype ({first[0]} vs {first[1]}): pass "
+                f"--compare-dtype {_code_to_name(first[1])} to compare them"
+            )
         if not_float:
             why.append(f"{len(not_float)} tensor(s) are not floating point")
         raise IncompatibleCheckpointsError(
             f"Nothing to compare between {a.source!r} and {b.source!r}: {'; '.join(why) or 'no tensors'}."
         )
     result = DiffResult(
-        base=a.source, tuned=b.source, atols=atols, compare_dtype=cdtype, tensors=tensors,
-        only_in_base=only_a, only_in_tuned=only_b, dtype_mismatch=dtype_mismatch, not_float=not_float,
+        base=a.source,
+        tuned=b.source,
+        atols=atols,
+        compare_dtype=cdtype,
+        tensors=tensors,
+        only_in_base=only_a,
+        only_in_tuned=only_b,
+        dtype_mismatch=dtype_mismatch,
+        not_float=not_float,
     )
     return pairs, result
 
@@ -561,8 +635,16 @@ def _progress(progress: bool | ProgressFn, total: int):
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    bar = Progress(TextColumn("diff"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+    bar = Progress(
+        TextColumn("diff"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task = bar.add_task("", total=total)
     bar.start()
     last = [0.0]
@@ -692,7 +774,7 @@ class _Engine:
         ne = self._buf("ne", np.bool_, n)
         np.not_equal(bits_a, bits_b, out=ne)
         changed = int(np.count_nonzero(ne))
-        delta = job.delta[lo:lo + n] if job.delta is not None else None
+        delta = job.delta[lo : lo + n] if job.delta is not None else None
         if changed == 0:
             if delta is not None:
                 delta.fill(0.0)
@@ -707,7 +789,9 @@ class _Engine:
         if np.isfinite(largest):
             # No NaN/inf anywhere (|Δ| would not be finite), so |Δ| > atol implies that the bits differ.
             gt = self._buf("gt", np.bool_, n)
-            within = [0 if largest <= atol else int(np.count_nonzero(np.greater(d, atol, out=gt))) for atol in self.atols]
+            within = [
+                0 if largest <= atol else int(np.count_nonzero(np.greater(d, atol, out=gt))) for atol in self.atols
+            ]
             nonfinite = 0
         else:
             # Only for chunks holding NaN/inf: NaN in both counts as unchanged (DESIGN.md).
@@ -719,12 +803,18 @@ class _Engine:
             if delta is not None:
                 delta[~ne] = 0.0
         if self.mask:
-            job.packed[lo // 8: lo // 8 + (n + 7) // 8] = np.packbits(ne, bitorder="little")
+            job.packed[lo // 8 : lo // 8 + (n + 7) // 8] = np.packbits(ne, bitorder="little")
         return changed, within, nonfinite
 
 
-_CODE_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "F8_E4M3": "float32", "F8_E5M2": "float32"}
+_CODE_NAME = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float32",
+    "F8_E5M2": "float32",
+}
 _NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
@@ -776,7 +866,7 @@ def _pread_exact(fd: int, out: np.ndarray, offset: int, path: str) -> None:
             got = os.preadv(fd, [view[done:]], offset + done)
         else:  # Windows
             data = os.pread(fd, len(view) - done, offset + done) if hasattr(os, "pread") else b""
-            view[done: done + len(data)] = data
+            view[done : done + len(data)] = data
             got = len(data)
         if got <= 0:
             raise CheckpointError(f"{path!r} ended early (truncated while reading?). HINT: re-download or re-save it.")
@@ -791,7 +881,7 @@ def _signature_sample(raw: np.ndarray, lo: int, numel: int) -> np.ndarray | None
     start = -(-lo // stride) * stride
     if start >= end:
         return None
-    return raw[start - lo: end - lo: stride].copy()
+    return raw[start - lo : end - lo : stride].copy()
 
 
 def _signature(shape: tuple[int, ...], sample: torch.Tensor) -> str:

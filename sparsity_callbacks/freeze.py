@@ -243,8 +243,10 @@ class MaskFreezer:
         return list(self._optimizers.values())
 
     def __repr__(self) -> str:
-        return (f"MaskFreezer({len(self._entries)} tensors with frozen elements, frozen_fraction="
-                f"{self.frozen_fraction:.4f}, extra_bytes={self.extra_bytes:,})")
+        return (
+            f"MaskFreezer({len(self._entries)} tensors with frozen elements, frozen_fraction="
+            f"{self.frozen_fraction:.4f}, extra_bytes={self.extra_bytes:,})"
+        )
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -34,7 +34,7 @@ class Overlap:
     size_a: int
     size_b: int
     intersection: int
-    per_tensor: dict[str, "Overlap"] = field(default_factory=dict, repr=False)
+    per_tensor: dict[str, Overlap] = field(default_factory=dict, repr=False)
 
     @property
     def union(self) -> int:
@@ -67,8 +67,18 @@ class Overlap:
         return expected_intersection / expected_union if expected_union else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("numel", "size_a", "size_b", "intersection", "overlap_ab", "overlap_ba", "jaccard",
-                "chance_ab", "chance_ba", "chance_jaccard")
+        keys = (
+            "numel",
+            "size_a",
+            "size_b",
+            "intersection",
+            "overlap_ab",
+            "overlap_ba",
+            "jaccard",
+            "chance_ab",
+            "chance_ba",
+            "chance_jaccard",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -104,7 +114,7 @@ class Mask:
         shapes: dict[str, tuple[int, ...]],
         signatures: Mapping[str, str] | None = None,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "Mask":
+    ) -> Mask:
         mask = cls({}, signatures=signatures, metadata=metadata)
         mask._packed = {n: p.cpu() for n, p in packed.items()}
         mask._shapes = dict(shapes)
@@ -158,10 +168,12 @@ class Mask:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mask):
             return NotImplemented
-        return self._shapes == other._shapes and all(torch.equal(self._packed[n], other._packed[n]) for n in self._shapes)
+        return self._shapes == other._shapes and all(
+            torch.equal(self._packed[n], other._packed[n]) for n in self._shapes
+        )
 
     # --- comparison ----------------------------------------------------------------------------
-    def overlap(self, other: "Mask") -> Overlap:
+    def overlap(self, other: Mask) -> Overlap:
         """`Overlap` of this mask (A) with ``other`` (B), global and per tensor. Both must cover the
         same tensor names and shapes."""
         self._check_same_layout(other, "other mask")
@@ -182,7 +194,7 @@ class Mask:
             per_tensor=per_tensor,
         )
 
-    def _check_same_layout(self, other: "Mask", what: str) -> None:
+    def _check_same_layout(self, other: Mask, what: str) -> None:
         check_matches(self._shapes, other._shapes, None, None, what=what, mask_label="this mask")
 
     def check_matches(self, shapes: Mapping[str, tuple[int, ...]], signatures: Mapping[str, str] | None = None) -> None:
@@ -211,7 +223,7 @@ class Mask:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, source: str | os.PathLike) -> "Mask":
+    def load(cls, source: str | os.PathLike) -> Mask:
         """Load a mask from a file path or an MLflow artifact URI (``runs:/<id>/sparsity/mask.safetensors``).
 
         Raises `ValueError` for a file that is not a valid mask (truncated, corrupt, another format).
@@ -225,7 +237,7 @@ class Mask:
         return cls._load_file(source)
 
     @classmethod
-    def _load_uri(cls, uri: str) -> "Mask":
+    def _load_uri(cls, uri: str) -> Mask:
         try:
             import mlflow
         except ImportError:
@@ -243,7 +255,7 @@ class Mask:
             return cls._load_file(local)
 
     @classmethod
-    def _load_file(cls, path: str) -> "Mask":
+    def _load_file(cls, path: str) -> Mask:
         from safetensors import safe_open
 
         hint = "HINT: the file is truncated or not a mask; re-create it with `tracker.ever_changed_mask().save(...)`."
@@ -251,11 +263,15 @@ class Mask:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 if metadata.get("format") != _FORMAT:
-                    raise ValueError(f"{path!r} is a safetensors file but not a sparsity_callbacks mask "
-                                     f"(format={metadata.get('format')!r}).")
+                    raise ValueError(
+                        f"{path!r} is a safetensors file but not a sparsity_callbacks mask "
+                        f"(format={metadata.get('format')!r})."
+                    )
                 if metadata.get("version") != _VERSION:
-                    raise ValueError(f"{path!r} is mask format version {metadata.get('version')!r}; this "
-                                     f"sparsity_callbacks reads version {_VERSION}. Upgrade the package.")
+                    raise ValueError(
+                        f"{path!r} is mask format version {metadata.get('version')!r}; this "
+                        f"sparsity_callbacks reads version {_VERSION}. Upgrade the package."
+                    )
                 shapes = {n: tuple(s) for n, s in json.loads(metadata["shapes"]).items()}
                 packed = {n: handle.get_tensor(n) for n in handle.keys()}
                 signatures = json.loads(metadata.get("signatures", "{}"))
@@ -265,13 +281,17 @@ class Mask:
         except Exception as err:  # safetensors raises its own error types for corrupt headers/data
             raise ValueError(f"Cannot read mask file {path!r}: {type(err).__name__}: {err}. {hint}") from None
         if set(packed) != set(shapes):
-            raise ValueError(f"Mask file {path!r} is inconsistent: tensors {sorted(set(packed) ^ set(shapes))[:5]} "
-                             f"are missing from its data or its metadata. {hint}")
+            raise ValueError(
+                f"Mask file {path!r} is inconsistent: tensors {sorted(set(packed) ^ set(shapes))[:5]} "
+                f"are missing from its data or its metadata. {hint}"
+            )
         for name, shape in shapes.items():
             if packed[name].dtype != torch.uint8 or packed[name].numel() != _packed_numel(math.prod(shape)):
-                raise ValueError(f"Mask file {path!r} is corrupt: tensor {name!r} of shape {list(shape)} needs "
-                                 f"{_packed_numel(math.prod(shape))} packed bytes, found {packed[name].numel()} "
-                                 f"({packed[name].dtype}). {hint}")
+                raise ValueError(
+                    f"Mask file {path!r} is corrupt: tensor {name!r} of shape {list(shape)} needs "
+                    f"{_packed_numel(math.prod(shape))} packed bytes, found {packed[name].numel()} "
+                    f"({packed[name].dtype}). {hint}"
+                )
         return cls._from_packed(packed, shapes, signatures, extra)
 
 
@@ -294,12 +314,16 @@ def check_matches(
             parts.append(f"{len(missing)} {what} tensor(s) not in the {mask_label} (e.g. {missing[:3]})")
         if extra:
             parts.append(f"{len(extra)} {mask_label} tensor(s) not in the {what} (e.g. {extra[:3]})")
-        raise ValueError(f"The {mask_label} was made for another model: {'; '.join(parts)}. HINT: use a mask "
-                         "recorded on this model with the same `include`/`exclude` options.")
+        raise ValueError(
+            f"The {mask_label} was made for another model: {'; '.join(parts)}. HINT: use a mask "
+            "recorded on this model with the same `include`/`exclude` options."
+        )
     for name, shape in model_shapes.items():
         if tuple(mask_shapes[name]) != tuple(shape):
-            raise ValueError(f"The {mask_label} was made for another model: tensor {name!r} has shape "
-                             f"{list(mask_shapes[name])} in the {mask_label} but {list(shape)} in the {what}.")
+            raise ValueError(
+                f"The {mask_label} was made for another model: tensor {name!r} has shape "
+                f"{list(mask_shapes[name])} in the {mask_label} but {list(shape)} in the {what}."
+            )
     if mask_signatures and model_signatures:
         for name in model_shapes:
             a, b = mask_signatures.get(name), model_signatures.get(name)

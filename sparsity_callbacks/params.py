@@ -83,7 +83,7 @@ class _Layout:
 
 # FSDP1 (``use_orig_params=True``) parameters are plain `nn.Parameter`s whose ``.data`` is a 1-D slice of
 # the rank's flat shard; their layout is only known from the FSDP handle, so it is recorded here.
-_FSDP1_LAYOUTS: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_FSDP1_LAYOUTS: torch.utils.weak.WeakIdKeyDictionary = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def _register_fsdp1(model: torch.nn.Module) -> None:
@@ -140,8 +140,10 @@ def _layout(param: torch.Tensor) -> _Layout:
         shard_dims = [p.dim for p in placements if p.is_shard()]
         if not shard_dims:
             return _Layout(shape)
-        if any(d != 0 for d in shard_dims) or len(shard_dims) > 1 or any(
-            not (p.is_shard() or p.is_replicate()) for p in placements
+        if (
+            any(d != 0 for d in shard_dims)
+            or len(shard_dims) > 1
+            or any(not (p.is_shard() or p.is_replicate()) for p in placements)
         ):
             raise NotImplementedError(
                 f"DTensor placements {tuple(placements)} are not supported: only Shard(0) (FSDP2's default, also "
@@ -252,9 +254,7 @@ def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
     return layout.shape if layout is not None else tuple(param.shape)
 
 
-def _collect_parameters(
-    model: torch.nn.Module, config: SparsityConfig
-) -> tuple[list[_TrackedTensor], dict[str, str]]:
+def _collect_parameters(model: torch.nn.Module, config: SparsityConfig) -> tuple[list[_TrackedTensor], dict[str, str]]:
     """Tracked parameters (tied ones once, under their first name) and ``{name: reason}`` of skipped ones."""
     include = [re.compile(p) for p in config.include]
     exclude = [re.compile(p) for p in config.exclude]
@@ -278,10 +278,12 @@ def _collect_parameters(
         reasons = sorted(set(skipped.values())) or ["the model has no parameters"]
         peft = ""
         if hasattr(model, "peft_config") or any("lora_" in n for n in skipped):
-            peft = (" This is a PEFT model with no trainable adapter (only adapters are tracked, never the frozen "
-                    "base weights): create it with `get_peft_model(...)` or load it with "
-                    "`PeftModel.from_pretrained(..., is_trainable=True)`; or `merge_and_unload()` and track the "
-                    "merged model with its parameters trainable.")
+            peft = (
+                " This is a PEFT model with no trainable adapter (only adapters are tracked, never the frozen "
+                "base weights): create it with `get_peft_model(...)` or load it with "
+                "`PeftModel.from_pretrained(..., is_trainable=True)`; or `merge_and_unload()` and track the "
+                "merged model with its parameters trainable."
+            )
         raise ValueError(
             f"No parameter to track in {type(model).__name__}: {len(skipped)} skipped ({', '.join(reasons)}). "
             "HINT: make some parameters trainable (requires_grad=True), or loosen `include`/`exclude`." + peft

@@ -87,8 +87,9 @@ def save_heatmap(cells: Mapping[tuple[int | None, str], float], path: str, title
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = axes.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
-                        interpolation="nearest")
+    image = axes.imshow(
+        np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+    )
     colorbar = figure.colorbar(image, ax=axes, fraction=0.04, pad=0.02)
     colorbar.set_label("changed fraction")
 
@@ -111,8 +112,15 @@ def save_heatmap(cells: Mapping[tuple[int | None, str], float], path: str, title
             for j in range(len(modules)):
                 value = data[i, j]
                 if not math.isnan(value):
-                    axes.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=fontsize,
-                              color="white" if value < 0.6 else "black")
+                    axes.text(
+                        j,
+                        i,
+                        f"{100 * value:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=fontsize,
+                        color="white" if value < 0.6 else "black",
+                    )
     figure.tight_layout()
     figure.savefig(path)
 
@@ -143,8 +151,14 @@ def save_curves(history: Sequence[Mapping[str, float]], path: str, title: str = 
     steps = [e["step"] for e in entries]
     for key in keys:
         values = [float(e[key]) if e.get(key) is not None else math.nan for e in entries]
-        axes.plot(steps, values, marker="o" if len(steps) <= 50 else None, markersize=3,
-                  linestyle="--" if key == "changed_fraction_upper" else "-", label=_CURVES.get(key, key))
+        axes.plot(
+            steps,
+            values,
+            marker="o" if len(steps) <= 50 else None,
+            markersize=3,
+            linestyle="--" if key == "changed_fraction_upper" else "-",
+            label=_CURVES.get(key, key),
+        )
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("fraction of tracked elements")
     axes.set_ylim(bottom=0.0)

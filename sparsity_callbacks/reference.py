@@ -118,7 +118,7 @@ def _kernel(
     return changed, churn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_kernel():
     return torch.compile(_kernel, dynamic=True)
 

@@ -23,7 +23,7 @@ class TensorCounts:
     ever_changed: int = 0
     churn: int = 0
 
-    def __add__(self, other: "TensorCounts") -> "TensorCounts":
+    def __add__(self, other: TensorCounts) -> TensorCounts:
         return TensorCounts(
             self.numel + other.numel,
             self.changed + other.changed,

@@ -30,7 +30,9 @@ FREEZE_MASK_FILE = "sparsity_freeze_mask.safetensors"
 def _state_file(directory: str, tracker: SparsityTracker) -> str:
     """Where the tracker state lives in a checkpoint folder: one file for replicated parameters (DDP
     replicas hold the same reference, so it is stored once), one per rank for sharded ones."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
     if rank > 0 and tracker.is_sharded:
         stem, ext = os.path.splitext(TRACKER_FILE)
         return os.path.join(directory, f"{stem}.rank{rank}{ext}")
@@ -176,18 +178,21 @@ class _SparsitySession:
                 run_id=self._run_id, tracking_uri=self._tracking_uri, experiment=self.config.mlflow_experiment
             )
         except ImportError as err:
-            warnings.warn(f"{err} Sparsity metrics are not logged to MLflow (log_to_mlflow=False silences this).",
-                          stacklevel=3)
+            warnings.warn(
+                f"{err} Sparsity metrics are not logged to MLflow (log_to_mlflow=False silences this).", stacklevel=3
+            )
             return
         tracker = self.tracker
         params = self.config.to_params()
-        params.update({
-            "sparsity.resolved_mode": tracker.mode,
-            "sparsity.tracked_tensors": str(len(tracker.tracked)),
-            "sparsity.tracked_elements": str(sum(t.layout.numel for t in tracker.tracked)),
-            "sparsity.skipped_tensors": str(len(tracker.skipped)),
-            "sparsity.every_n_steps": str(self.every_n_steps),
-        })
+        params.update(
+            {
+                "sparsity.resolved_mode": tracker.mode,
+                "sparsity.tracked_tensors": str(len(tracker.tracked)),
+                "sparsity.tracked_elements": str(sum(t.layout.numel for t in tracker.tracked)),
+                "sparsity.skipped_tensors": str(len(tracker.skipped)),
+                "sparsity.every_n_steps": str(self.every_n_steps),
+            }
+        )
         params.update(self._extra_params)
         self.sink.log_params(params)
 
@@ -218,8 +223,12 @@ class _SparsitySession:
         mask.metadata["freeze_source"] = source  # kept in the checkpoint copy, so a resumed run logs the same
         self._freeze_mask = mask
         self.freeze_source = source
-        _log.info("sparsity_callbacks: training frozen to %s (%.2f%% of tracked elements frozen, %d extra bytes)",
-                  source, 100 * self.freezer.frozen_fraction, self.freezer.extra_bytes)
+        _log.info(
+            "sparsity_callbacks: training frozen to %s (%.2f%% of tracked elements frozen, %d extra bytes)",
+            source,
+            100 * self.freezer.frozen_fraction,
+            self.freezer.extra_bytes,
+        )
         if self.sink is not None:
             self.sink.log_params({"sparsity.freeze_source": source})
 
@@ -229,8 +238,14 @@ class _SparsitySession:
         folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
         mask.save(os.path.join(folder, "mask.safetensors"))
         report = measurement.to_dict()
-        report.update({"mode_reason": self.tracker.mode_reason, "history": self.tracker.history,
-                       "config": self.config.to_dict(), "freeze_source": self.freeze_source})
+        report.update(
+            {
+                "mode_reason": self.tracker.mode_reason,
+                "history": self.tracker.history,
+                "config": self.config.to_dict(),
+                "freeze_source": self.freeze_source,
+            }
+        )
         if self.freezer is not None:
             report["frozen_fraction"] = self.freezer.frozen_fraction
             self._freeze_mask.save(os.path.join(folder, "freeze_mask.safetensors"))

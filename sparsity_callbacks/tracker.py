@@ -28,10 +28,10 @@ from sparsity_callbacks.params import (
     _TrackedTensor,
 )
 from sparsity_callbacks.reference import (
+    _FINGERPRINT_DTYPES,
     HOST_RAM_LIMIT_ENV,
     _available_host_bytes,
     _chunks,
-    _FINGERPRINT_DTYPES,
     _fingerprint,
     _flat_chunk,
     _KernelRunner,
@@ -201,8 +201,13 @@ class SparsityTracker:
         totals = torch.stack([r.cpu() for r in rows])  # one sync per device
         for row, tracked in zip(totals, self.tracked):
             if row[1]:
-                row[1] = int((~torch.isfinite(self._local_flat(params[tracked.name], tracked.name,
-                                                               self._states[tracked.name]))).sum())
+                row[1] = int(
+                    (
+                        ~torch.isfinite(
+                            self._local_flat(params[tracked.name], tracked.name, self._states[tracked.name])
+                        )
+                    ).sum()
+                )
         totals = self._sum_across_ranks(totals)
         self._has_previous = True
         tensors = {
@@ -317,8 +322,10 @@ class SparsityTracker:
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"Not a SparsityTracker state ({type(err).__name__}: {err}).") from None
         if meta.get("format") != _STATE_FORMAT or meta.get("version") != _STATE_VERSION:
-            raise ValueError(f"Not a SparsityTracker state of version {_STATE_VERSION}: format={meta.get('format')!r}, "
-                             f"version={meta.get('version')!r}.")
+            raise ValueError(
+                f"Not a SparsityTracker state of version {_STATE_VERSION}: format={meta.get('format')!r}, "
+                f"version={meta.get('version')!r}."
+            )
         saved = meta["tensors"]
         current = {t.name: t for t in self.tracked}
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
@@ -330,8 +337,10 @@ class SparsityTracker:
             )
         for name, tracked in current.items():
             if tuple(saved[name]["shape"]) != tracked.shape:
-                raise ValueError(f"The tracker state was saved for another model: {name!r} has shape "
-                                 f"{saved[name]['shape']} in the state but {list(tracked.shape)} in the model.")
+                raise ValueError(
+                    f"The tracker state was saved for another model: {name!r} has shape "
+                    f"{saved[name]['shape']} in the state but {list(tracked.shape)} in the model."
+                )
             if saved[name]["numel"] != tracked.layout.local_count:
                 raise ValueError(
                     f"The tracker state was saved with another sharding: {name!r} has {saved[name]['numel']} elements "
@@ -342,8 +351,10 @@ class SparsityTracker:
         if mode not in ("exact", "fingerprint"):
             raise ValueError(f"The tracker state is corrupt: mode={mode!r}.")
         if meta["fingerprint_bits"] != self.config.fingerprint_bits and mode == "fingerprint":
-            raise ValueError(f"The tracker state uses {meta['fingerprint_bits']}-bit fingerprints but the config asks "
-                             f"for {self.config.fingerprint_bits}; use the same `fingerprint_bits` to resume.")
+            raise ValueError(
+                f"The tracker state uses {meta['fingerprint_bits']}-bit fingerprints but the config asks "
+                f"for {self.config.fingerprint_bits}; use the same `fingerprint_bits` to resume."
+            )
         fp_dtype = _FINGERPRINT_DTYPES.get(meta["fingerprint_bits"])
         # validate every tensor before touching any state, so a corrupt file leaves the tracker as it was
         for tracked in self.tracked:
@@ -357,15 +368,19 @@ class SparsityTracker:
             if reference is None or ever is None:
                 problem = "its reference or mask tensor is missing"
             elif reference.numel() != padded or ever.numel() != padded // 8:
-                problem = (f"it has {reference.numel()} reference and {ever.numel()} mask elements, expected "
-                           f"{padded} and {padded // 8}")
+                problem = (
+                    f"it has {reference.numel()} reference and {ever.numel()} mask elements, expected "
+                    f"{padded} and {padded // 8}"
+                )
             elif reference.dtype != expected or ever.dtype != torch.uint8:
                 problem = f"its reference is {reference.dtype} (expected {expected}) and its mask {ever.dtype}"
             elif previous is not None and (previous.numel() != padded or previous.dtype != fp_dtype):
                 problem = f"its churn state has {previous.numel()} {previous.dtype} elements"
             if problem:
-                raise ValueError(f"The tracker state is corrupt: tensor {tracked.name!r}: {problem}. HINT: resume "
-                                 "from an earlier checkpoint, or start over with tracker.snapshot().")
+                raise ValueError(
+                    f"The tracker state is corrupt: tensor {tracked.name!r}: {problem}. HINT: resume "
+                    "from an earlier checkpoint, or start over with tracker.snapshot()."
+                )
         self.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
         self._choose_compile()
         states = {}
@@ -388,9 +403,13 @@ class SparsityTracker:
             if previous is not None:
                 previous = previous.to(device)
             states[tracked.name] = _TensorState(
-                numel=info["numel"], shape=tuple(info["shape"]), dtype=reference.dtype if mode == "exact" else
-                getattr(torch, str(info["dtype"]).removeprefix("torch.")), reference=reference,
-                previous=previous, ever=ever.to(device), signature=info["signature"],
+                numel=info["numel"],
+                shape=tuple(info["shape"]),
+                dtype=reference.dtype if mode == "exact" else getattr(torch, str(info["dtype"]).removeprefix("torch.")),
+                reference=reference,
+                previous=previous,
+                ever=ever.to(device),
+                signature=info["signature"],
             )
         self._states = states
         self.mode_reason = meta["mode_reason"] + " (restored)"
@@ -400,8 +419,9 @@ class SparsityTracker:
         self.last_measurement = None
         if self.config.track_churn and not all(s.previous is not None for s in states.values()):
             for s in states.values():
-                s.previous = torch.zeros(s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits],
-                                         device=s.ever.device)
+                s.previous = torch.zeros(
+                    s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits], device=s.ever.device
+                )
             self._has_previous = False
 
     def save(self, path: str | os.PathLike) -> None:
@@ -470,8 +490,10 @@ class SparsityTracker:
                 return "fingerprint", "mode='fingerprint' requested (reference_dir is ignored)"
             return "exact", f"exact reference memory-mapped in {cfg.reference_dir} ({_human(need)} on disk)"
         available = _available_host_bytes()
-        text = (f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference ({need:,} bytes), "
-                f"{_human(available)} available")
+        text = (
+            f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference ({need:,} bytes), "
+            f"{_human(available)} available"
+        )
         if os.environ.get(HOST_RAM_LIMIT_ENV):
             text += f" ({HOST_RAM_LIMIT_ENV}={os.environ[HOST_RAM_LIMIT_ENV]})"
         if cfg.mode == "fingerprint":
@@ -488,8 +510,10 @@ class SparsityTracker:
         if need <= 0.5 * available:
             return "exact", f"auto: {text}"
         if cfg.atol > 0:
-            raise MemoryError(f"atol={cfg.atol} needs an exact reference, which cannot fit: {text}. HINT: set "
-                              "reference_dir=<folder> for a memory-mapped reference, or atol=0 with mode='fingerprint'.")
+            raise MemoryError(
+                f"atol={cfg.atol} needs an exact reference, which cannot fit: {text}. HINT: set "
+                "reference_dir=<folder> for a memory-mapped reference, or atol=0 with mode='fingerprint'."
+            )
         self._check_device_memory()
         return "fingerprint", f"auto: {text} (more than half), so {cfg.fingerprint_bits}-bit fingerprints on the device"
 
@@ -505,9 +529,10 @@ class SparsityTracker:
             free, _ = torch.cuda.mem_get_info(device)
             if needed > 0.9 * free:
                 raise MemoryError(
-                    f"mode='fingerprint' cannot fit on {device}: {needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB "
-                    "free. HINT: fingerprint_bits=8, track_churn=False, mode='exact' (host RAM) with reference_dir "
-                    "for a memory-mapped reference, or track fewer tensors with include/exclude."
+                    f"mode='fingerprint' cannot fit on {device}: {needed / 2**30:.2f} GiB needed, "
+                    f"{free / 2**30:.2f} GiB free. HINT: fingerprint_bits=8, track_churn=False, mode='exact' "
+                    "(host RAM) with reference_dir for a memory-mapped reference, "
+                    "or track fewer tensors with include/exclude."
                 )
 
     def _reference_path(self, name: str) -> str | None:
@@ -545,8 +570,13 @@ class SparsityTracker:
         if flat.device.type == "cuda":
             torch.cuda.synchronize(flat.device)
         state = _TensorState(
-            numel=flat.numel(), shape=tracked.shape, dtype=dtype, reference=reference, previous=previous,
-            ever=ever, signature=_tensor_signature(local),
+            numel=flat.numel(),
+            shape=tracked.shape,
+            dtype=dtype,
+            reference=reference,
+            previous=previous,
+            ever=ever,
+            signature=_tensor_signature(local),
         )
         return state, nonfinite
 
@@ -558,9 +588,14 @@ class SparsityTracker:
         previous = state.previous[start:end] if (state.previous is not None and self.config.track_churn) else None
         ever = state.ever[start // 8 : end // 8]
         return self._kernel(
-            current, reference, previous, ever,
-            fingerprint_reference=self.mode == "fingerprint", bits=self.config.fingerprint_bits,
-            atol=float(self.config.atol), update=update,
+            current,
+            reference,
+            previous,
+            ever,
+            fingerprint_reference=self.mode == "fingerprint",
+            bits=self.config.fingerprint_bits,
+            atol=float(self.config.atol),
+            update=update,
         )
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
@@ -590,7 +625,8 @@ class SparsityTracker:
         include = [re.compile(p) for p in self.config.include]
         exclude = [re.compile(p) for p in self.config.exclude]
         new = sorted(
-            name for name, param in params.items()
+            name
+            for name, param in params.items()
             if id(param) not in known and _skip_reason(name, param, include, exclude) is None
         )
         if new:
@@ -719,8 +755,10 @@ class SparsityTracker:
             if name not in packed:
                 tracked = by_name[name]
                 if tracked.sharded and flags.numel() != tracked.layout.numel:
-                    raise RuntimeError(f"{name!r} is sharded but torch.distributed is not initialised: cannot gather "
-                                       "its mask. HINT: call ever_changed_mask() while the process group is up.")
+                    raise RuntimeError(
+                        f"{name!r} is sharded but torch.distributed is not initialised: cannot gather "
+                        "its mask. HINT: call ever_changed_mask() while the process group is up."
+                    )
                 packed[name] = _pack_bits(flags)
         shapes = {t.name: t.shape for t in self.tracked}
         return Mask._from_packed(packed, shapes, self.signatures, self._mask_metadata(kind))
@@ -734,8 +772,11 @@ class SparsityTracker:
         raise KeyError(f"{name!r} is not a tracked parameter (tracked: {self.names[:5]}...).")
 
     def _append_history(self, m: Measurement) -> None:
-        point = {"step": float(m.step if m.step is not None else len(self.history)),
-                 "changed_fraction": m.changed_fraction, "ever_changed_fraction": m.ever_changed_fraction}
+        point = {
+            "step": float(m.step if m.step is not None else len(self.history)),
+            "changed_fraction": m.changed_fraction,
+            "ever_changed_fraction": m.ever_changed_fraction,
+        }
         if m.has_churn:
             point["churn_fraction"] = m.churn_fraction
         self.history.append(point)
@@ -743,8 +784,12 @@ class SparsityTracker:
             self.history = self.history[::2]
 
     def _mask_metadata(self, kind: str) -> dict[str, Any]:
-        return {"kind": kind, "mode": self.mode, "step": self.last_measurement.step if self.last_measurement else None,
-                "config": self.config.to_dict()}
+        return {
+            "kind": kind,
+            "mode": self.mode,
+            "step": self.last_measurement.step if self.last_measurement else None,
+            "config": self.config.to_dict(),
+        }
 
 
 def _human(n: float) -> str:

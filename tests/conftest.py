@@ -51,7 +51,7 @@ class MlflowServer:
         self._process: subprocess.Popen | None = None
         self._log = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         env = dict(os.environ)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner processes
         env.pop("MLFLOW_TRACKING_URI", None)

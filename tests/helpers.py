@@ -11,8 +11,14 @@ def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, **overrides):
 
     torch.manual_seed(seed)
     options = dict(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(LlamaConfig(**{**options, **overrides}))
 
@@ -30,8 +36,13 @@ def tiny_qwen2(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     options = dict(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
     )
     return Qwen2ForCausalLM(Qwen2Config(**{**options, **overrides}))
 

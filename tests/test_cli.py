@@ -14,10 +14,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_gpt2, tiny_llama
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_gpt2, tiny_llama
 from sparsity_callbacks import Mask
 from sparsity_callbacks.cli import main
 from sparsity_callbacks.diff import DiffResult, _round_bf16, diff_checkpoints
@@ -93,8 +93,9 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 # --- entry points ------------------------------------------------------------------------------
 def test_module_entry_point_prints_help_with_examples():
-    proc = subprocess.run([sys.executable, "-m", "sparsity_callbacks", "--help"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsity_callbacks", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "diff" in proc.stdout and "overlap" in proc.stdout and "report" in proc.stdout
     assert "examples:" in proc.stdout
@@ -112,8 +113,9 @@ def test_version_and_usage_errors(capsys):
 # --- diff --------------------------------------------------------------------------------------
 def test_diff_counts_equal_numpy_recount_and_json_round_trips(models, tmp_path, capsys):
     out_json = tmp_path / "diff.json"
-    code, out, err = _run(["diff", models["base"], models["tuned"], "--atol", "1e-5", "--atol", "0.1",
-                           "--json", out_json, "-q"], capsys)
+    code, out, err = _run(
+        ["diff", models["base"], models["tuned"], "--atol", "1e-5", "--atol", "0.1", "--json", out_json, "-q"], capsys
+    )
     assert code == 0, err
     data = json.loads(out_json.read_text())
     expected = _recount(models["base"], models["tuned"], atols=(1e-5, 0.1))
@@ -146,8 +148,9 @@ def test_diff_json_to_stdout_is_pure_json(models, capsys):
 
 
 def test_compare_dtype_bfloat16_ignores_sub_ulp_drift(models, capsys):
-    code, out, err = _run(["diff", models["base"], models["tuned"], "--compare-dtype", "bfloat16",
-                           "--json", "-", "-q"], capsys)
+    code, out, err = _run(
+        ["diff", models["base"], models["tuned"], "--compare-dtype", "bfloat16", "--json", "-", "-q"], capsys
+    )
     assert code == 0, err
     data = json.loads(out)
     a, b = load_file(os.path.join(models["base"], "model.safetensors")), {}
@@ -164,11 +167,26 @@ def test_compare_dtype_bfloat16_ignores_sub_ulp_drift(models, capsys):
 
 def test_round_to_bfloat16_matches_torch():
     gen = torch.Generator().manual_seed(0)
-    values = torch.cat([
-        torch.randn(100_000, generator=gen) * 10.0 ** torch.randint(-40, 38, (100_000,), generator=gen),
-        torch.tensor([0.0, -0.0, 1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-9, 3.3895e38, 1e-45, -1e-40,
-                      float("inf"), float("-inf")]),
-    ])
+    values = torch.cat(
+        [
+            torch.randn(100_000, generator=gen) * 10.0 ** torch.randint(-40, 38, (100_000,), generator=gen),
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    1.0,
+                    1.0 + 2**-8,
+                    1.0 + 3 * 2**-8,
+                    1.0 + 2**-9,
+                    3.3895e38,
+                    1e-45,
+                    -1e-40,
+                    float("inf"),
+                    float("-inf"),
+                ]
+            ),
+        ]
+    )
     ours = _round_bf16(values.numpy())
     assert np.array_equal(ours.view(np.int16), values.to(torch.bfloat16).view(torch.int16).numpy())
     nan = _round_bf16(np.array([float("nan")], dtype=np.float32)).view(np.int16)
@@ -204,8 +222,9 @@ def test_mask_bits_and_signatures_across_chunks_and_nan_rules(tmp_path):
     tuned["b"][5] = float("nan")  # changed
     save_file(base, tmp_path / "a.safetensors")
     save_file(tuned, tmp_path / "b.safetensors")
-    result = diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors", mask=True, chunk_numel=1000,
-                              workers=3)
+    result = diff_checkpoints(
+        tmp_path / "a.safetensors", tmp_path / "b.safetensors", mask=True, chunk_numel=1000, workers=3
+    )
     expected_w = flips.clone()
     expected_w[0, :3] = False
     assert result.tensors["w"].changed == int(expected_w.sum())
@@ -220,12 +239,15 @@ def test_mask_bits_and_signatures_across_chunks_and_nan_rules(tmp_path):
 def test_rank_of_updates(tmp_path, capsys):
     gen = torch.Generator().manual_seed(2)
     base = {"low": torch.randn(40, 30, generator=gen), "full": torch.randn(40, 30, generator=gen)}
-    tuned = {"low": base["low"] + torch.randn(40, 2, generator=gen) @ torch.randn(2, 30, generator=gen),
-             "full": base["full"] + torch.randn(40, 30, generator=gen)}
+    tuned = {
+        "low": base["low"] + torch.randn(40, 2, generator=gen) @ torch.randn(2, 30, generator=gen),
+        "full": base["full"] + torch.randn(40, 30, generator=gen),
+    }
     save_file(base, tmp_path / "a.safetensors")
     save_file(tuned, tmp_path / "b.safetensors")
-    code, out, err = _run(["diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--rank", "--json", "-",
-                           "-q"], capsys)
+    code, out, err = _run(
+        ["diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--rank", "--json", "-", "-q"], capsys
+    )
     assert code == 0, err
     rows = json.loads(out)["tensors"]
     assert (rows["low"]["rank"], rows["low"]["max_rank"]) == (2, 30)
@@ -263,15 +285,17 @@ def test_tensors_in_one_model_only_or_other_dtype_are_listed(models, tmp_path, c
     save_file(bf16, tmp_path / "bf16.safetensors")
     code, _, err = _run(["diff", models["base"], tmp_path / "bf16.safetensors", "-q"], capsys)
     assert code == 2 and "--compare-dtype bfloat16" in err
-    code, out, err = _run(["diff", models["base"], tmp_path / "bf16.safetensors", "--compare-dtype", "bfloat16",
-                           "--json", "-", "-q"], capsys)
+    code, out, err = _run(
+        ["diff", models["base"], tmp_path / "bf16.safetensors", "--compare-dtype", "bfloat16", "--json", "-", "-q"],
+        capsys,
+    )
     assert code == 0 and json.loads(out)["changed"] == 0  # a bf16 save of BASE is BASE in bf16
 
 
 def test_missing_and_corrupt_inputs(models, tmp_path, capsys):
     code, _, err = _run(["diff", models["base"], tmp_path / "nope.safetensors"], capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
-    data = (tmp_path / "x.safetensors")
+    data = tmp_path / "x.safetensors"
     original = open(os.path.join(models["base"], "model.safetensors"), "rb").read()
     data.write_bytes(original[: len(original) // 2])
     code, _, err = _run(["diff", models["base"], data, "-q"], capsys)
@@ -302,8 +326,9 @@ def test_peak_memory_is_far_below_one_model(tmp_path):
     """)
 
     def peak(*argv) -> int:
-        proc = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
-                              cwd=REPO, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, cwd=REPO, timeout=300
+        )
         report = json.loads(proc.stderr.strip().splitlines()[-1])
         assert report["code"] == 0, proc.stderr
         return report["peak_kb"] * 1024
@@ -330,8 +355,12 @@ def _masks(tmp_path) -> list[str]:
     paths = []
     for label, (attn, mlp) in rows.items():
         path = tmp_path / f"{label}.safetensors"
-        Mask({"model.layers.0.self_attn.q_proj.weight": torch.tensor(attn, dtype=torch.bool).view(2, 5),
-              "model.layers.0.mlp.up_proj.weight": torch.tensor(mlp, dtype=torch.bool)}).save(path)
+        Mask(
+            {
+                "model.layers.0.self_attn.q_proj.weight": torch.tensor(attn, dtype=torch.bool).view(2, 5),
+                "model.layers.0.mlp.up_proj.weight": torch.tensor(mlp, dtype=torch.bool),
+            }
+        ).save(path)
         paths.append(str(path))
     return paths
 
@@ -350,8 +379,11 @@ def test_overlap_of_two_masks_equals_hand_count(tmp_path, capsys):
     e = 5 * 6 / 16
     assert g["chance_jaccard"] == pytest.approx(e / (11 - e))
     q = data["module_types"]["self_attn.q_proj"]
-    assert (q["overlap_ab"], q["overlap_ba"], q["chance_ab"]) == (pytest.approx(2 / 4), pytest.approx(2 / 4),
-                                                                  pytest.approx(4 / 10))
+    assert (q["overlap_ab"], q["overlap_ba"], q["chance_ab"]) == (
+        pytest.approx(2 / 4),
+        pytest.approx(2 / 4),
+        pytest.approx(4 / 10),
+    )
     up = data["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert (up["intersection"], up["jaccard"]) == (1, pytest.approx(1 / 2))
     code, out, _ = _run(["overlap", a, b], capsys)
@@ -367,7 +399,9 @@ def test_overlap_of_three_masks_gives_matrices(tmp_path, capsys):
     assert data["overlap"][0] == [pytest.approx(1.0), pytest.approx(3 / 5), pytest.approx(0.0)]
     assert data["overlap"][1][0] == pytest.approx(3 / 6)
     assert data["jaccard"][0][1] == pytest.approx(3 / 8) and data["jaccard"][1][2] == pytest.approx(0.0)
-    assert data["chance_overlap"][0][1] == pytest.approx(6 / 16) and data["chance_overlap"][1][2] == pytest.approx(2 / 16)
+    assert data["chance_overlap"][0][1] == pytest.approx(6 / 16) and data["chance_overlap"][1][2] == pytest.approx(
+        2 / 16
+    )
     code, out, _ = _run(["overlap", *paths], capsys)
     assert code == 0 and "chance o(row, col)" in out and "Jaccard" in out
 
@@ -461,8 +495,22 @@ def test_report_of_a_missing_source_exits_2(tmp_path, capsys):
 def test_diff_to_mlflow_then_report_and_overlap_from_the_run(models, tmp_path, capsys, mlflow_local):
     from mlflow import MlflowClient
 
-    code, out, err = _run(["diff", models["base"], models["tuned"], "--mlflow", "--tracking-uri", mlflow_local,
-                           "--experiment", "cli-diff", "--json", "-", "-q"], capsys)
+    code, out, err = _run(
+        [
+            "diff",
+            models["base"],
+            models["tuned"],
+            "--mlflow",
+            "--tracking-uri",
+            mlflow_local,
+            "--experiment",
+            "cli-diff",
+            "--json",
+            "-",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     data = json.loads(out)
     run_id = data["mlflow_run_id"]

@@ -71,8 +71,9 @@ def _single_process(mode: str) -> tuple[dict, Mask]:
 
 # --- workers (run in the spawned processes) -------------------------------------------------------
 def _init(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
 
 
@@ -208,18 +209,26 @@ def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
 
 
 def _deepspeed(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
     out: dict = {}
     try:
+        import deepspeed
         import torch._dynamo  # noqa: F401  -- before zero.Init patches torch.Tensor.__new__ (see params.py)
         import transformers.generation.utils  # noqa: F401
 
-        import deepspeed
-
         deepspeed.init_distributed(dist_backend="gloo")
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-                  "zero_allow_untested_optimizer": True}
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": 3},
+            "zero_allow_untested_optimizer": True,
+        }
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = _model()
         params = dict(model.named_parameters())

@@ -30,7 +30,9 @@ def test_subnetwork_recovery_table_and_runs(mlflow_local, capsys):
     assert set(table) == {"full", "ever-changed (bf16)", "top 20% moved", "random 20% (control)"}
     assert table["top 20% moved"]["trained fraction"] == pytest.approx(0.2, abs=1e-3)
     assert table["full"]["same as full: exact"] == 1.0
-    runs = MlflowClient(mlflow_local).search_runs([e.experiment_id for e in MlflowClient(mlflow_local).search_experiments()])
+    runs = MlflowClient(mlflow_local).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_local).search_experiments()]
+    )
     assert len(runs) == 4
 
 

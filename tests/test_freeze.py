@@ -17,8 +17,12 @@ from sparsity_callbacks.freeze import MaskFreezer, _resolve_freeze_mask  # noqa:
 from sparsity_callbacks.masks import Mask  # noqa: E402
 from sparsity_callbacks.params import _collect_parameters, _tensor_signature  # noqa: E402
 
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
-             torch.float64: torch.int64}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -377,8 +381,15 @@ def test_lightning_optimizer_in_a_real_fit():
     module = Module()
     mask_holder["mask"] = _random_mask(module.lm)
     data = torch.utils.data.DataLoader(torch.cat(_batches(4)), batch_size=2)
-    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.5)
+    trainer = pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+    )
     trainer.fit(module, data)
     assert trainer.global_step == 4
     _assert_frozen(mask_holder["before"], module.lm, mask_holder["mask"])
@@ -450,7 +461,8 @@ def test_resolve_file_of_another_base_model_is_refused(tmp_path):
     other = tiny_llama(seed=1)
     mask = _random_mask(other)
     Mask(dict(mask.items()), signatures={t.name: _tensor_signature(t.param) for t in _tracked(other)}).save(
-        tmp_path / "mask.safetensors")
+        tmp_path / "mask.safetensors"
+    )
     tracker = _tracker(tiny_llama(seed=0))
     with pytest.raises(ValueError, match=r"reference weights of tensor 'model\.embed_tokens\.weight' differ"):
         _resolve_freeze_mask(SparsityConfig(freeze_mask=str(tmp_path / "mask.safetensors")), tracker)

@@ -70,8 +70,11 @@ def test_exact_that_cannot_fit_raises_with_numbers_and_alternatives(monkeypatch,
     model = tiny_llama()
     need = sum((p.numel() + 7) // 8 * 8 * 4 for p in model.parameters())
     monkeypatch.setenv(HOST_RAM_LIMIT_ENV, str(need))  # 0.9 * limit < need
-    with pytest.raises(MemoryError, match=rf"mode='exact' cannot fit: .*\({need:,} bytes\).*"
-                                          rf"{HOST_RAM_LIMIT_ENV}.*mode='fingerprint'.*reference_dir"):
+    with pytest.raises(
+        MemoryError,
+        match=rf"mode='exact' cannot fit: .*\({need:,} bytes\).*"
+        rf"{HOST_RAM_LIMIT_ENV}.*mode='fingerprint'.*reference_dir",
+    ):
         SparsityTracker(model, mode="exact").snapshot()
     auto = SparsityTracker(model)  # auto falls back to fingerprints and says why
     auto.snapshot()
@@ -151,8 +154,11 @@ def test_parameter_added_or_unfrozen_after_the_snapshot_warns_once():
     tracker.measure(1)
     model.register_parameter("value_head", torch.nn.Parameter(torch.zeros(16)))
     model.model.norm.weight.requires_grad_(True)
-    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\) were added or unfrozen .* NOT tracked "
-                                         r"\(e.g. \['model.norm.weight', 'value_head'\]\).*HINT: create the"):
+    with pytest.warns(
+        UserWarning,
+        match=r"2 trainable parameter\(s\) were added or unfrozen .* NOT tracked "
+        r"\(e.g. \['model.norm.weight', 'value_head'\]\).*HINT: create the",
+    ):
         m = tracker.measure(2)
     assert "value_head" not in m.tensors
     with warnings.catch_warnings():
@@ -207,7 +213,10 @@ def test_lora_adapters_are_tracked_and_frozen_adapters_are_a_peft_error():
     tracker = SparsityTracker(model, mode="exact")
     assert tracker.names and all(".lora_A." in n or ".lora_B." in n for n in tracker.names)
     assert {t.module_type for t in tracker.tracked} == {
-        "self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B", "self_attn.v_proj.lora_A", "self_attn.v_proj.lora_B"
+        "self_attn.q_proj.lora_A",
+        "self_attn.q_proj.lora_B",
+        "self_attn.v_proj.lora_A",
+        "self_attn.v_proj.lora_B",
     }
     tracker.snapshot()
     lora_b = next(p for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_B" in n)
@@ -217,7 +226,9 @@ def test_lora_adapters_are_tracked_and_frozen_adapters_are_a_peft_error():
     assert m.total.changed == 2 and m.by_module_type()["self_attn.q_proj.lora_B"].changed == 2
     assert "sparsity/module/self_attn.q_proj.lora_B/changed_fraction" in m.to_metrics()
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match="No parameter to track .*PEFT model with no trainable adapter.*is_trainable=True"):
+    with pytest.raises(
+        ValueError, match="No parameter to track .*PEFT model with no trainable adapter.*is_trainable=True"
+    ):
         SparsityTracker(model)
 
 
@@ -232,10 +243,14 @@ def test_corrupt_tracker_state_is_refused_and_the_tracker_is_unchanged(tmp_path)
     name = "model.norm.weight"
     cases = {
         "missing tensor": ({k: v for k, v in good["tensors"].items() if k != f"ever/{name}"}, "is missing"),
-        "short tensor": ({**good["tensors"], f"reference/{name}": good["tensors"][f"reference/{name}"][:8]},
-                         "expected 16 and 2"),
-        "wrong dtype": ({**good["tensors"], f"ever/{name}": good["tensors"][f"ever/{name}"].float()},
-                        "its mask torch.float32"),
+        "short tensor": (
+            {**good["tensors"], f"reference/{name}": good["tensors"][f"reference/{name}"][:8]},
+            "expected 16 and 2",
+        ),
+        "wrong dtype": (
+            {**good["tensors"], f"ever/{name}": good["tensors"][f"ever/{name}"].float()},
+            "its mask torch.float32",
+        ),
     }
     fresh = SparsityTracker(model, mode="exact")
     fresh.snapshot()

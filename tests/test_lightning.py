@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import tiny_llama  # noqa: E402
-
 import lightning.pytorch as pl  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger  # noqa: E402
 
@@ -41,8 +40,9 @@ class LitLM(pl.LightningModule):
     block 0, the rest), both stepped every batch. ``fsdp2``: the model is built and ``fully_shard``-ed in
     ``configure_model`` on the ``data_parallel`` mesh of `ModelParallelStrategy`."""
 
-    def __init__(self, seed: int = 0, lr: float = 1e-2, weight_decay: float = 0.0, manual: bool = False,
-                 fsdp2: bool = False) -> None:
+    def __init__(
+        self, seed: int = 0, lr: float = 1e-2, weight_decay: float = 0.0, manual: bool = False, fsdp2: bool = False
+    ) -> None:
         super().__init__()
         self.seed, self.lr, self.weight_decay, self.fsdp2 = seed, lr, weight_decay, fsdp2
         self.automatic_optimization = not manual
@@ -96,8 +96,14 @@ def _data(n_batches: int, batch_size: int = 4, seed: int = 1) -> DataLoader:
 
 def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     options = dict(
-        accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         num_sanity_val_steps=0,
     )
     options.update(kwargs)
@@ -370,11 +376,16 @@ def test_discovered_mask_keeps_frozen_elements_bit_identical_under_adamw_weight_
     # Decoupled weight decay moves every fp32 weight a little; compared in bfloat16 the rows of unused tokens stay
     # unchanged, so the discovered mask leaves them out -- and then the freezer must undo the decay.
     module = LitLM(weight_decay=0.01, lr=1e-2)
-    callback = SparsityCallback(mode="exact", compare_dtype="bfloat16", every_n_steps=2, freeze_mask="discover",
-                                freeze_after_steps=3, log_to_mlflow=False)
+    callback = SparsityCallback(
+        mode="exact",
+        compare_dtype="bfloat16",
+        every_n_steps=2,
+        freeze_mask="discover",
+        freeze_after_steps=3,
+        log_to_mlflow=False,
+    )
     watcher = _FreezeWatcher(callback)
-    trainer = _trainer(tmp_path, [callback, watcher], max_steps=10, gradient_clip_val=0.5,
-                       accumulate_grad_batches=2)
+    trainer = _trainer(tmp_path, [callback, watcher], max_steps=10, gradient_clip_val=0.5, accumulate_grad_batches=2)
     trainer.fit(module, _data(20))
 
     assert watcher.step == 3
@@ -382,8 +393,9 @@ def test_discovered_mask_keeps_frozen_elements_bit_identical_under_adamw_weight_
     frozen = _assert_frozen_bit_identical(module, watcher.at_freeze, mask)
     assert frozen > 0
     # weight decay would have moved every element; the trainable ones did move after freezing
-    moved = sum(int(torch.ne(p.detach()[mask[n]], watcher.at_freeze[n][mask[n]]).sum())
-                for n, p in module.named_parameters())
+    moved = sum(
+        int(torch.ne(p.detach()[mask[n]], watcher.at_freeze[n][mask[n]]).sum()) for n, p in module.named_parameters()
+    )
     assert moved > 0
 
 
@@ -394,8 +406,10 @@ def test_mask_file_keeps_frozen_elements_bit_identical(tmp_path):
     tracker = SparsityTracker(module, SparsityConfig(mode="exact"))
     tracker.snapshot()
     generator = torch.Generator().manual_seed(0)
-    mask = Mask({n: torch.rand(p.shape, generator=generator) < 0.2 for n, p in module.named_parameters()},
-                signatures=tracker.signatures)
+    mask = Mask(
+        {n: torch.rand(p.shape, generator=generator) < 0.2 for n, p in module.named_parameters()},
+        signatures=tracker.signatures,
+    )
     mask.save(tmp_path / "mask.safetensors")
     start = _params(module)
 
@@ -436,10 +450,17 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
             sinks.append(callback.session.sink is not None)
 
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=6, logger=logger,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=6,
+        logger=logger,
         callbacks=[callback, SinkWatcher()],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, default_root_dir=out_dir,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=out_dir,
     )
     trainer.fit(module, _data(6))
     m = callback.last_measurement
@@ -467,8 +488,15 @@ def _launch(kind: str, out_dir, mlflow_uri: str | None, world_size: int = 2) -> 
     port = str(_free_port())
     processes = []
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(world_size),
-                   NODE_RANK="0", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            WORLD_SIZE=str(world_size),
+            NODE_RANK="0",
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+        )
         env.pop("MLFLOW_TRACKING_URI", None)
         command = [sys.executable, os.path.abspath(__file__), kind, str(out_dir), mlflow_uri or "-", str(world_size)]
         log = open(os.path.join(out_dir, f"{kind}-rank{rank}.log"), "wb")

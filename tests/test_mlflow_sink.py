@@ -110,8 +110,9 @@ def test_creates_its_own_run_and_finishes_it(mlflow_local):
     assert [s for s, _ in _history(client, sink.run_id, "sparsity/changed_fraction")] == list(STEPS)
 
 
-def test_own_run_uses_the_tracking_uri_env_read_at_first_use(mlflow_local, mlflow_sqlite_template, tmp_path,
-                                                              monkeypatch):
+def test_own_run_uses_the_tracking_uri_env_read_at_first_use(
+    mlflow_local, mlflow_sqlite_template, tmp_path, monkeypatch
+):
     sink = MLflowSink()  # constructed before the env var is set
     shutil.copyfile(mlflow_sqlite_template, tmp_path / "other.db")
     other = f"sqlite:///{tmp_path / 'other.db'}"
@@ -235,8 +236,9 @@ def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_factory,
 def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_server, tmp_path):
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     retry = 0.5
-    sink = MLflowSink(tracking_uri=dead, experiment="never-back", run_name="lost", retry_interval_s=retry,
-                      fallback_dir=str(tmp_path))
+    sink = MLflowSink(
+        tracking_uri=dead, experiment="never-back", run_name="lost", retry_interval_s=retry, fallback_dir=str(tmp_path)
+    )
     mask = tmp_path / "mask.bin"
     mask.write_bytes(b"\x01\x02")
     with warnings.catch_warnings(record=True) as records:

@@ -92,7 +92,9 @@ def test_ever_changed_is_monotone_restored_elements_and_churn(mode):
     assert ever.nonzero().view(-1).tolist() == [0, 1, 2, 10, 11]
     third = tracker.measure(3)
     assert third.total.churn == 0 and third.total.ever_changed == 5
-    assert [h["ever_changed_fraction"] for h in tracker.history] == sorted(h["ever_changed_fraction"] for h in tracker.history)
+    assert [h["ever_changed_fraction"] for h in tracker.history] == sorted(
+        h["ever_changed_fraction"] for h in tracker.history
+    )
 
 
 class _Mixed(torch.nn.Module):
@@ -110,7 +112,9 @@ def test_fingerprint_detects_every_small_ulp_edit(dtype, bits):
     tracker.snapshot()
     generator = torch.Generator().manual_seed(1)
     indices = torch.randperm(4096, generator=generator)[:2000]
-    ulps = torch.randint(1, 5, (2000,), generator=generator) * (torch.randint(0, 2, (2000,), generator=generator) * 2 - 1)
+    ulps = torch.randint(1, 5, (2000,), generator=generator) * (
+        torch.randint(0, 2, (2000,), generator=generator) * 2 - 1
+    )
     _ulp_edit(module.weight, indices, ulps)
     m = tracker.measure()
     assert m.total.changed == 2000
@@ -268,7 +272,9 @@ def test_mask_for_another_model_or_corrupt_file_is_refused(tmp_path):
         other.ever_changed_mask().check_matches(tracker.shapes, tracker.signatures)
     reseeded = SparsityTracker(tiny_llama(seed=1))
     reseeded.snapshot()
-    with pytest.raises(ValueError, match="another base model: the reference weights of tensor 'model.embed_tokens.weight'"):
+    with pytest.raises(
+        ValueError, match="another base model: the reference weights of tensor 'model.embed_tokens.weight'"
+    ):
         reseeded.ever_changed_mask().check_matches(tracker.shapes, tracker.signatures)
     with pytest.raises(ValueError, match="another model: 1 model tensor"):
         Mask({n: t for n, t in tracker.ever_changed_mask().items() if n != "model.norm.weight"}).check_matches(

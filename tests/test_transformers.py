@@ -19,10 +19,10 @@ pytest.importorskip("mlflow")
 
 import mlflow  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 from sparsity_callbacks import Mask, SparsityCallback  # noqa: E402
 from sparsity_callbacks.integrations.transformers import SparsityCallback as DirectSparsityCallback  # noqa: E402
 from sparsity_callbacks.session import TRACKER_FILE  # noqa: E402
@@ -40,8 +40,16 @@ def _lm_dataset(n: int = 32, seq: int = 12, low: int = 4, high: int = 20, seed: 
 
 def _args(output_dir, **overrides) -> TrainingArguments:
     options = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
     options.update(overrides)
     return TrainingArguments(**options)
@@ -128,9 +136,16 @@ def test_trainer_logs_into_the_hf_mlflow_run_at_its_global_steps(mlflow_local, t
     # the Trainer logged its loss at global steps 2, 4, 6: the sparsity metrics carry the same steps
     assert recorder.logged_steps == [2, 4, 6]
     assert [s for s, _ in _history(client, run.info.run_id, "loss")] == [2, 4, 6]
-    for key in ("changed_fraction", "ever_changed_fraction", "update_sparsity", "layer/0/changed_fraction",
-                "layer/1/changed_fraction", "module/self_attn.q_proj/changed_fraction",
-                "module/embed_tokens/changed_fraction", "module/lm_head/changed_fraction"):
+    for key in (
+        "changed_fraction",
+        "ever_changed_fraction",
+        "update_sparsity",
+        "layer/0/changed_fraction",
+        "layer/1/changed_fraction",
+        "module/self_attn.q_proj/changed_fraction",
+        "module/embed_tokens/changed_fraction",
+        "module/lm_head/changed_fraction",
+    ):
         assert [s for s, _ in _history(client, run.info.run_id, f"sparsity/{key}")] == [2, 4, 6], key
     assert [s for s, _ in _history(client, run.info.run_id, "sparsity/churn_fraction")] == [4, 6]
 
@@ -140,7 +155,8 @@ def test_trainer_logs_into_the_hf_mlflow_run_at_its_global_steps(mlflow_local, t
     assert 0 < final < 1  # embedding rows of unseen token ids got no gradient and no weight decay
     embed = changed["model.embed_tokens.weight"]
     assert run.data.metrics["sparsity/module/embed_tokens/changed_fraction"] == pytest.approx(
-        embed.float().mean().item(), abs=1e-12)
+        embed.float().mean().item(), abs=1e-12
+    )
     assert run.data.params["sparsity.tracked"] == "trainable parameters"
     assert run.data.params["sparsity.every_n_steps"] == "2"
     assert run.data.params["sparsity.resolved_mode"] == "exact"
@@ -254,13 +270,27 @@ def test_trl_grpo_trainer(mlflow_local, tmp_path):
     tiny_tokenizer().save_pretrained(model_dir)
     prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(3 * i + j) % 50}" for j in range(4)) for i in range(16)]})
     args = GRPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=6, learning_rate=1e-3, logging_steps=1, report_to="mlflow", use_cpu=True,
-        save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="mlflow",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     callback, recorder = SparsityCallback(), _StepRecorder()
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=_good_word_reward, args=args, train_dataset=prompts,
-                          callbacks=[callback, recorder])
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=_good_word_reward,
+        args=args,
+        train_dataset=prompts,
+        callbacks=[callback, recorder],
+    )
     initial = _trainable(trainer.model)
     trainer.train()
 
@@ -287,15 +317,29 @@ def test_trl_dpo_trainer_bf16_comparison(mlflow_local, tmp_path):
         rows["chosen"].append(f" {words[i + 3]} {words[i + 4]}")
         rows["rejected"].append(f" {words[(i * 7) % 40]} {words[(i * 11) % 40]}")
     args = DPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=16,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=16,
         seed=0,
     )
     model = tiny_llama()
     initial = _trainable(model)
     callback = SparsityCallback(compare_dtype="bfloat16")
-    trainer = DPOTrainer(model=model, ref_model=tiny_llama(), args=args, train_dataset=Dataset.from_dict(rows),
-                         processing_class=tiny_tokenizer(), callbacks=[callback])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=tiny_llama(),
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tiny_tokenizer(),
+        callbacks=[callback],
+    )
     trainer.train()
 
     client = MlflowClient(mlflow_local)
@@ -329,8 +373,9 @@ def test_resume_keeps_the_original_reference_and_the_cumulative_curve(mlflow_loc
     args = _args(tmp_path / "out2", max_steps=6, logging_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(model=resumed_model, args=args, train_dataset=_lm_dataset(),
-                callbacks=[second]).train(resume_from_checkpoint=str(moved))
+        Trainer(model=resumed_model, args=args, train_dataset=_lm_dataset(), callbacks=[second]).train(
+            resume_from_checkpoint=str(moved)
+        )
     assert not [w for w in caught if "cumulative curve starts over" in str(w.message)]
 
     for name, ref in initial.items():
@@ -415,8 +460,12 @@ def test_freeze_to_a_mask_from_an_earlier_mlflow_run(mlflow_local, tmp_path):
     assert run.data.metrics["sparsity/frozen_fraction"] == pytest.approx(1 - mask.density)
 
     with pytest.raises(ValueError, match="another model|does not match|signature"):
-        Trainer(model=tiny_llama(seed=1), args=_args(tmp_path / "out3", max_steps=1), train_dataset=_lm_dataset(),
-                callbacks=[SparsityCallback(freeze_mask=uri, log_to_mlflow=False)]).train()
+        Trainer(
+            model=tiny_llama(seed=1),
+            args=_args(tmp_path / "out3", max_steps=1),
+            train_dataset=_lm_dataset(),
+            callbacks=[SparsityCallback(freeze_mask=uri, log_to_mlflow=False)],
+        ).train()
 
 
 # --- outage ----------------------------------------------------------------------------------------
@@ -453,14 +502,19 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            Trainer(model=model, args=_args(tmp_path / "out", max_steps=8), train_dataset=_lm_dataset(),
-                    callbacks=[callback, Outage()]).train()
+            Trainer(
+                model=model,
+                args=_args(tmp_path / "out", max_steps=8),
+                train_dataset=_lm_dataset(),
+                callbacks=[callback, Outage()],
+            ).train()
     finally:
         mlflow.set_tracking_uri(old_uri)
         fluent._active_experiment_id = old_experiment
 
     assert any(issubclass(w.category, MLflowSinkWarning) and "unreachable" in str(w.message) for w in caught), [
-        str(w.message) for w in caught if issubclass(w.category, MLflowSinkWarning)]
+        str(w.message) for w in caught if issubclass(w.category, MLflowSinkWarning)
+    ]
     assert not any("could not be delivered" in str(w.message) for w in caught), [str(w.message) for w in caught]
     client = MlflowClient(server.uri)
     runs = _all_runs(client)

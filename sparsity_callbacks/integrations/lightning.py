@@ -122,8 +122,10 @@ class SparsityCallback(pl.Callback):
             default_every_n_steps=trainer.log_every_n_steps,
             run_id=self.config.mlflow_run_id or run_id,
             tracking_uri=self.config.mlflow_tracking_uri or tracking_uri,
-            extra_params={"sparsity.framework": f"{pl.__name__} {pl.__version__}",
-                          "sparsity.step": "trainer.global_step (optimizer steps)"},
+            extra_params={
+                "sparsity.framework": f"{pl.__name__} {pl.__version__}",
+                "sparsity.step": "trainer.global_step (optimizer steps)",
+            },
         )
         self._session.start(pl_module, list(trainer.optimizers), step, resume_dir=resume_dir)
         self._last_step = step
@@ -222,8 +224,9 @@ class SparsityCallback(pl.Callback):
         candidates = [state["state_dir"]]
         ckpt_path = getattr(trainer, "ckpt_path", None)
         if ckpt_path:
-            candidates.append(os.path.join(os.path.dirname(os.path.abspath(os.fspath(ckpt_path))),
-                                           state["state_dir_name"]))
+            candidates.append(
+                os.path.join(os.path.dirname(os.path.abspath(os.fspath(ckpt_path))), state["state_dir_name"])
+            )
         for directory in candidates:
             if os.path.isfile(os.path.join(directory, name)):
                 return directory
@@ -239,8 +242,11 @@ class SparsityCallback(pl.Callback):
                 "SparsityCallback(..., on_missing_state='resnapshot') to take the current weights as a new reference "
                 "(the cumulative curve starts over)."
             )
-        warnings.warn(f"{message} on_missing_state='resnapshot': the current weights (step {step}) are the new "
-                      "reference; the cumulative curve starts over.", stacklevel=3)
+        warnings.warn(
+            f"{message} on_missing_state='resnapshot': the current weights (step {step}) are the new "
+            "reference; the cumulative curve starts over.",
+            stacklevel=3,
+        )
         return None
 
     def _log_headline(self, trainer: pl.Trainer, measurement: Measurement) -> None:

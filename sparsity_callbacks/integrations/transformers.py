@@ -151,8 +151,11 @@ class SparsityCallback(TrainerCallback):
         if measurement is not None and state.is_world_process_zero:
             _log.info(
                 "sparsity_callbacks: step %s: changed %.4f, ever-changed %.4f of %d tracked elements%s",
-                measurement.step, measurement.changed_fraction, measurement.ever_changed_fraction,
-                measurement.numel, f" (MLflow run {self.run_id})" if self.run_id else "",
+                measurement.step,
+                measurement.changed_fraction,
+                measurement.ever_changed_fraction,
+                measurement.numel,
+                f" (MLflow run {self.run_id})" if self.run_id else "",
             )
 
 

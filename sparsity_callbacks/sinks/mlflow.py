@@ -140,7 +140,7 @@ def _probe(uri: str, timeout: float) -> bool:
     return True
 
 
-def _close_at_exit(ref: "weakref.ReferenceType[MLflowSink]") -> None:
+def _close_at_exit(ref: weakref.ReferenceType[MLflowSink]) -> None:
     sink = ref()
     if sink is not None:
         sink.close(timeout=10.0)
@@ -335,8 +335,11 @@ class MLflowSink:
         try:
             staged = self._stage(local_path)
         except OSError as err:
-            warnings.warn(f"MLflowSink.log_artifact: cannot read {local_path!r} ({err}); nothing is uploaded.",
-                          MLflowSinkWarning, stacklevel=2)
+            warnings.warn(
+                f"MLflowSink.log_artifact: cannot read {local_path!r} ({err}); nothing is uploaded.",
+                MLflowSinkWarning,
+                stacklevel=2,
+            )
             return
         self._enqueue("artifact", (staged, artifact_path))
 
@@ -380,7 +383,7 @@ class MLflowSink:
                 f"MLflowSink: {n_metrics} metric values and {len(leftover)} queued items could not be delivered "
                 f"to MLflow at {self._uri} (run {self._run_id}); they were written to {path}. Replay them once "
                 "the server is back (or elsewhere: add tracking_uri=..., run_id=...) with:\n  python -c "
-                f"\"from sparsity_callbacks.sinks.mlflow import _replay_fallback; _replay_fallback({path!r})\"",
+                f'"from sparsity_callbacks.sinks.mlflow import _replay_fallback; _replay_fallback({path!r})"',
                 MLflowSinkWarning,
                 stacklevel=2,
             )
@@ -681,8 +684,12 @@ class MLflowSink:
                     os.makedirs(artifact_dir, exist_ok=True)
                     kept = os.path.join(artifact_dir, f"{entry.seq}_{os.path.basename(staged)}")
                     shutil.move(staged, kept)
-                    record = {"type": "artifact", "path": kept, "name": os.path.basename(staged),
-                              "artifact_path": artifact_path}
+                    record = {
+                        "type": "artifact",
+                        "path": kept,
+                        "name": os.path.basename(staged),
+                        "artifact_path": artifact_path,
+                    }
                 else:
                     record = {"type": "terminate", "status": entry.payload}
                 f.write(json.dumps(record) + "\n")
