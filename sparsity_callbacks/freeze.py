@@ -8,6 +8,7 @@ Users set ``SparsityConfig(freeze_mask=...)``; the adapters resolve the mask wit
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,22 +39,49 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 class _FrozenTensor:
     """One parameter with frozen elements. ``keep``: bool mask of the trainable elements on the
     parameter's device, None when the whole tensor is frozen. ``frozen``: integer bits (see `_bits`)
-    of the values at freeze time; dense with 0 at the trainable elements, or with ``compact`` only
-    the frozen elements (1-D, row-major)."""
+    of the values at freeze time, in ``dtype``; dense with 0 at the trainable elements, or with
+    ``compact`` only the frozen elements (1-D, row-major)."""
 
     name: str
     param: torch.nn.Parameter
     keep: torch.Tensor | None
     frozen: torch.Tensor
     compact: bool
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
     def data(self) -> torch.Tensor:
-        """The parameter's local data (moves the stored tensors if the model moved since freezing)."""
+        """The parameter's local data, with the stored tensors on its device and in its dtype.
+
+        Checked before every write, because writing the stored bits into storage of another width would
+        corrupt the weights: a model moved to another device since freezing moves the stored tensors; a
+        dtype change (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``) re-freezes them in the new
+        dtype (see `_convert`); a shape change raises ``ValueError`` naming the parameter.
+        """
         data = _local_tensor(self.param)
+        if tuple(data.shape) != self.shape:
+            raise ValueError(
+                f"Parameter {self.name!r} changed shape from {list(self.shape)} to {list(data.shape)} after freezing "
+                "began; the freezer cannot restore its frozen elements. HINT: detach the freezer "
+                "(`freezer.detach()`) before resizing, and freeze again with a mask of the new shape."
+            )
         if self.frozen.device != data.device:
             self.frozen = self.frozen.to(data.device)
             self.keep = None if self.keep is None else self.keep.to(data.device)
+        if data.dtype != self.dtype:
+            self._convert(data.dtype)
         return data
+
+    def _convert(self, dtype: torch.dtype) -> None:
+        """Re-freeze in ``dtype``: the stored values are cast as ``model.to(dtype)`` cast the weights (torch's
+        round-to-nearest), so the frozen elements keep exactly the values that conversion gave them."""
+        if not dtype.is_floating_point:
+            raise ValueError(
+                f"Parameter {self.name!r} changed dtype from {self.dtype} to {dtype} after freezing began; only "
+                "floating-point dtypes can be frozen. HINT: detach the freezer (`freezer.detach()`) first."
+            )
+        self.frozen = _bits(self.frozen.view(self.dtype).to(dtype))
+        self.dtype = dtype
 
     def zero_frozen(self, tensor: torch.Tensor) -> None:
         """Set the frozen elements of a gradient or optimizer state tensor to 0 (in place)."""
@@ -75,6 +103,16 @@ class _FrozenTensor:
 
 def _restore(entries: list[_FrozenTensor]) -> None:
     """Write the freeze-time bits into the frozen elements of ``entries``."""
+    converted = [e for e in entries if _local_tensor(e.param).dtype != e.dtype]
+    if converted:
+        names = ", ".join(repr(e.name) for e in converted[:3]) + (", ..." if len(converted) > 3 else "")
+        changes = sorted({f"{e.dtype} -> {_local_tensor(e.param).dtype}" for e in converted})
+        warnings.warn(
+            f"MaskFreezer: {len(converted)} frozen parameter(s) changed dtype after freezing began ({names}: "
+            f"{', '.join(changes)}); their frozen elements are re-frozen at their freeze-time values cast to the "
+            "new dtype (the values the conversion gave them) and stay bit-identical to those from now on.",
+            stacklevel=4,
+        )
     for entry in entries:
         bits = _bits(entry.data())
         if entry.keep is None:
@@ -93,6 +131,9 @@ class MaskFreezer:
     `attach` zeroes the optimizer state of frozen elements and registers a step post-hook that
     restores them from a stored copy (weight decay, momentum and ``eps`` terms cannot move them).
     ``requires_grad`` is left unchanged, so optimizer references and user code stay valid.
+    If the model changes dtype after freezing began (``model.to(torch.bfloat16)``, ``.half()``), the
+    stored values are cast the same way before the next write (one warning), so frozen elements keep the
+    values the cast gave them; never are bits of one width written into storage of another.
 
     Extra memory, on the parameter's device, per element of a tracked tensor:
     fully trainable tensor: 0 bytes (no copy, no hooks); fully frozen tensor: ``itemsize`` (4 for
@@ -167,12 +208,13 @@ class MaskFreezer:
                 continue  # fully trainable: nothing stored, no hooks
             with torch.no_grad():
                 bits = _bits(data.detach())
+                layout = (data.dtype, tuple(data.shape))
                 if kept == 0:
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, bits.clone(), False)
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, bits.clone(), False, *layout)
                 else:
                     keep = keep.to(data.device)
                     values = bits[~keep].clone() if compact else bits * ~keep
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, keep, values, compact)
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, keep, values, compact, *layout)
                 if entry.param.grad is not None:  # freezing between backward and step
                     frozen_entry.zero_frozen(entry.param.grad)
             self._entries[id(entry.param)] = frozen_entry

@@ -522,3 +522,37 @@ def test_density_cap_needs_exact_mode():
     config = SparsityConfig(mode="auto", freeze_mask="discover", freeze_after_steps=3, mask_density_cap=0.01)
     with pytest.raises(ValueError, match="mode='exact'"):
         _resolve_freeze_mask(config, tracker)
+
+
+# --- the model's dtype / device / shape changes after freezing began ------------------------------
+@pytest.mark.parametrize("convert", ["bfloat16", "half", "double"])
+def test_dtype_change_after_freezing_refreezes_in_the_new_dtype_and_never_corrupts(convert):
+    model = tiny_llama()
+    mask = _random_mask(model, density=0.3)
+    freezer = MaskFreezer(model, mask)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.1)
+    freezer.attach(opt)
+    at_freeze = {t.name: t.param.detach().clone() for t in _tracked(model)}
+    getattr(model, convert)() if convert != "bfloat16" else model.to(torch.bfloat16)
+    dtype = next(model.parameters()).dtype
+    with pytest.warns(UserWarning, match=r"changed dtype after freezing began .*-> torch\.(bfloat16|float16|float64)"):
+        for ids in _batches(3):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    moved = 0
+    for name, param in model.named_parameters():
+        frozen = ~mask[name]
+        expected = at_freeze[name].to(dtype)  # what the conversion gave the frozen elements
+        assert torch.equal(_bits(param)[frozen], _bits(expected)[frozen]), name
+        assert param.isfinite().all(), name
+        moved += int((param.detach() != expected)[mask[name]].sum())
+    assert moved > 0  # the trainable elements still train
+
+
+def test_shape_change_after_freezing_is_refused_naming_the_parameter():
+    model = torch.nn.Linear(8, 8)
+    freezer = MaskFreezer(model, Mask({"weight": torch.rand(8, 8) < 0.5, "bias": torch.rand(8) < 0.5}))
+    model.weight.data = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"Parameter 'weight' changed shape from \[8, 8\] to \[4, 8\]"):
+        freezer.restore()

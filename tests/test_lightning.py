@@ -422,6 +422,50 @@ def test_mask_file_keeps_frozen_elements_bit_identical(tmp_path):
     assert callback.last_measurement.total.ever_changed <= mask.count()
 
 
+class _ConvertAfterFreezing(pl.Callback):
+    """Converts the module to ``dtype`` at the first batch end after the sparsity callback froze it."""
+
+    def __init__(self, sparsity: SparsityCallback, dtype: torch.dtype) -> None:
+        self.sparsity, self.dtype = sparsity, dtype
+        self.at_convert: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.at_convert is None and self.sparsity.session.freezer is not None:
+            self.at_convert = _params(pl_module)
+            pl_module.to(self.dtype)
+
+
+class _SgdLM(LitLM):
+    """SGD with weight decay (stateless: Adam's float32 moments refuse bfloat16 gradients after a cast)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
+    from sparsity_callbacks import SparsityTracker
+
+    module = _SgdLM(weight_decay=0.1, lr=5e-2)
+    tracker = SparsityTracker(module, SparsityConfig(mode="exact"))
+    tracker.snapshot()
+    generator = torch.Generator().manual_seed(0)
+    mask = Mask(
+        {n: torch.rand(p.shape, generator=generator) < 0.2 for n, p in module.named_parameters()},
+        signatures=tracker.signatures,
+    )
+    mask.save(tmp_path / "mask.safetensors")
+    callback = SparsityCallback(mode="exact", freeze_mask=str(tmp_path / "mask.safetensors"), log_to_mlflow=False)
+    convert = _ConvertAfterFreezing(callback, torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"frozen parameter\(s\) changed dtype after freezing began"):
+        _trainer(tmp_path, [callback, convert], max_steps=4).fit(module, _data(4))
+
+    for name, param in module.named_parameters():
+        assert param.dtype == torch.bfloat16 and param.isfinite().all(), name
+        frozen = ~mask[name]
+        expected = convert.at_convert[name].to(torch.bfloat16)[frozen].view(torch.int16)
+        assert torch.equal(param.detach()[frozen].view(torch.int16), expected), name
+
+
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -526,3 +526,37 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
     final = _history(client, callback.run_id, "sparsity/changed_fraction")[-1][1]
     assert final == pytest.approx(_fraction(_changed(model, initial)), abs=1e-12)
     assert _artifact_paths(client, callback.run_id) == ARTIFACTS
+
+
+class _ConvertAtStep(TrainerCallback):
+    """Converts the model to ``dtype`` after optimizer step ``step`` (after the SparsityCallback froze)."""
+
+    def __init__(self, model, step, dtype):
+        self.model, self.step, self.dtype, self.weights = model, step, dtype, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.weights = _trainable(self.model)
+            self.model.to(self.dtype)
+
+
+def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
+    model = tiny_llama()
+    callback = SparsityCallback(
+        freeze_mask="discover", freeze_after_steps=2, compare_dtype="bfloat16", log_to_mlflow=False, mode="exact"
+    )
+    convert = _ConvertAtStep(model, 2, torch.float64)
+    # weight decay moves every element in float64: without the freezer no frozen element would keep its bits
+    args = _args(tmp_path / "out", max_steps=5, optim="sgd", weight_decay=0.1)
+    with pytest.warns(UserWarning, match=r"frozen parameter\(s\) changed dtype after freezing began"):
+        Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[callback, convert]).train()
+
+    mask = callback.session._freeze_mask
+    frozen_total = 0
+    for name, at_convert in convert.weights.items():
+        now = dict(model.named_parameters())[name].detach()
+        assert now.dtype == torch.float64 and now.isfinite().all(), name
+        frozen = ~mask[name]
+        frozen_total += int(frozen.sum())
+        assert torch.equal(now[frozen].view(torch.int64), at_convert.double()[frozen].view(torch.int64)), name
+    assert frozen_total > 0
