@@ -16,7 +16,7 @@ import torch
 
 from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.masks import Mask
-from sparsity_callbacks.params import _collect_parameters, _is_sharded, _local_tensor, _TrackedTensor
+from sparsity_callbacks.params import _collect_parameters, _Layout, _local_tensor, _TrackedTensor
 
 # Optimizer state entries of the parameter's shape that are not per-element moments and are left alone:
 # ``step`` (a counter, 0-d like a 0-d parameter) and ASGD's ``ax`` (the running average of the weights).
@@ -37,10 +37,11 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _FrozenTensor:
-    """One parameter with frozen elements. ``keep``: bool mask of the trainable elements on the
-    parameter's device, None when the whole tensor is frozen. ``frozen``: integer bits (see `_bits`)
-    of the values at freeze time, in ``dtype``; dense with 0 at the trainable elements, or with
-    ``compact`` only the frozen elements (1-D, row-major)."""
+    """One parameter with frozen elements (on this rank). ``keep``: bool mask of the trainable elements
+    on the parameter's device, in the shape of the local tensor (this rank's slice of a sharded one),
+    None when all local elements are frozen. ``frozen``: integer bits (see `_bits`) of the local values at
+    freeze time, in ``dtype``; dense with 0 at the trainable elements, or with ``compact`` only the frozen elements
+    (1-D, row-major). ``layout``: where the local elements sit in the full tensor."""
 
     name: str
     param: torch.nn.Parameter
@@ -49,6 +50,12 @@ class _FrozenTensor:
     compact: bool
     dtype: torch.dtype
     shape: tuple[int, ...]
+    layout: _Layout | None = None  # None: the full tensor (single process, DDP replica)
+
+    @property
+    def kind(self) -> str:
+        """``full`` (single process, DDP), ``dtensor`` (FSDP2), ``fsdp1`` or ``zero3``."""
+        return "full" if self.layout is None else self.layout.kind
 
     def data(self) -> torch.Tensor:
         """The parameter's local data, with the stored tensors on its device and in its dtype.
@@ -84,11 +91,16 @@ class _FrozenTensor:
         self.dtype = dtype
 
     def zero_frozen(self, tensor: torch.Tensor) -> None:
-        """Set the frozen elements of a gradient or optimizer state tensor to 0 (in place)."""
+        """Set the frozen elements of a gradient or optimizer state tensor to 0 (in place). ``tensor`` is
+        the parameter's shape: a DTensor (its local shard is used) or a local tensor, for ZeRO-3 this
+        rank's flat partition (with its padding)."""
+        local = _local_tensor(tensor)
         if self.keep is None:
-            tensor.zero_()
-        else:
-            _bits(tensor).mul_(self.keep.to(tensor.device))
+            local.zero_()
+            return
+        if local.numel() != self.keep.numel():  # ZeRO-3: the flat partition is padded at the end
+            local = local.reshape(-1).narrow(0, 0, self.keep.numel())
+        _bits(local).mul_(self.keep.to(local.device).view(local.shape))
 
     def zero_state(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
@@ -101,8 +113,18 @@ class _FrozenTensor:
         return self.frozen.numel() * self.frozen.element_size() + mask_bytes
 
 
+def _restore_bits(entry: _FrozenTensor, bits: torch.Tensor) -> None:
+    """Write the freeze-time bits into the frozen elements of ``bits`` (the integer view of local data)."""
+    if entry.keep is None:
+        bits.copy_(entry.frozen)
+    elif entry.compact:
+        bits.masked_scatter_(~entry.keep, entry.frozen)
+    else:  # one pass: frozen bits (0 where trainable) + bits * keep (0 where frozen)
+        torch.addcmul(entry.frozen, bits, entry.keep, out=bits)
+
+
 def _restore(entries: list[_FrozenTensor]) -> None:
-    """Write the freeze-time bits into the frozen elements of ``entries``."""
+    """Write the freeze-time bits into the frozen elements of ``entries`` (this rank's elements only)."""
     converted = [e for e in entries if _local_tensor(e.param).dtype != e.dtype]
     if converted:
         names = ", ".join(repr(e.name) for e in converted[:3]) + (", ..." if len(converted) > 3 else "")
@@ -114,13 +136,51 @@ def _restore(entries: list[_FrozenTensor]) -> None:
             stacklevel=4,
         )
     for entry in entries:
-        bits = _bits(entry.data())
-        if entry.keep is None:
-            bits.copy_(entry.frozen)
-        elif entry.compact:
-            bits.masked_scatter_(~entry.keep, entry.frozen)
-        else:  # one pass: frozen bits (0 where trainable) + bits * keep (0 where frozen)
-            torch.addcmul(entry.frozen, bits, entry.keep, out=bits)
+        _restore_bits(entry, _bits(entry.data()))
+        if entry.kind == "zero3":
+            _restore_zero3_master(entry)
+
+
+def _restore_zero3_master(entry: _FrozenTensor) -> None:
+    """ZeRO-3 steps an fp32 master partition and copies it into the parameter's partition after every step:
+    set the master's frozen elements to the frozen values too (exact in fp32), through DeepSpeed's local API."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    if getattr(entry.param, "_z3_optimizer", None) is None:  # before deepspeed.initialize: no master yet
+        return
+    master = safe_get_local_fp32_param(entry.param)
+    local = master.narrow(0, 0, entry.data().numel())
+    values = entry.data().to(local.dtype)
+    if entry.keep is None:
+        local.copy_(values)
+    else:
+        local.copy_(torch.where(entry.keep, local, values))
+    safe_set_local_fp32_param(entry.param, master)
+
+
+def _zero3_optimizer(optimizer: Any) -> Any | None:
+    """DeepSpeed's ZeRO-3 optimizer in a chain of wrappers (engine, accelerate's wrapper), else None."""
+    for _ in range(8):
+        if optimizer is None:
+            return None
+        if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(optimizer, "step"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+    return None
+
+
+def _local_mask(keep: torch.Tensor, layout: _Layout, local: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full-tensor mask, in the shape of the local tensor ``local``."""
+    if not layout.sharded:
+        return keep
+    return keep.reshape(-1)[layout.start : layout.start + layout.local_count].view(local.shape)
+
+
+def _queue_after_backward(callback: Any) -> None:
+    """Run ``callback`` at the very end of the current backward pass, after the callbacks already queued
+    (FSDP's, which finish the gradient reduce-scatter): the engine runs callbacks queued by callbacks."""
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(callback))
 
 
 class MaskFreezer:
@@ -194,35 +254,48 @@ class MaskFreezer:
                     f"The mask was made for another model: tensor {name!r} has shape {list(mask.shapes[name])} "
                     f"in the mask but {list(entry.shape)} in the model."
                 )
-            if _is_sharded(entry.param):
-                raise NotImplementedError(
-                    f"Freezing sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3) is not supported yet ({name!r}). "
-                    "HINT: use DDP or a single process to train with a frozen mask."
-                )
-            data = _local_tensor(entry.param)
-            keep = mask[name]
+            keep = mask[name]  # the full mask of one tensor, read once, sliced to this rank's elements below
             kept = int(keep.sum())
             self._numel += keep.numel()
             self._frozen_numel += keep.numel() - kept
             if kept == keep.numel():
                 continue  # fully trainable: nothing stored, no hooks
+            layout = entry.layout
+            data = _local_tensor(entry.param)
+            if layout.sharded:
+                keep = _local_mask(keep, layout, data)
+                kept = int(keep.sum())
+                if kept == keep.numel():
+                    continue  # no frozen element on this rank (e.g. an empty FSDP1 slice)
             with torch.no_grad():
                 bits = _bits(data.detach())
-                layout = (data.dtype, tuple(data.shape))
+                held = (data.dtype, tuple(data.shape))
                 if kept == 0:
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, bits.clone(), False, *layout)
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, bits.clone(), False, *held, layout)
                 else:
                     keep = keep.to(data.device)
                     values = bits[~keep].clone() if compact else bits * ~keep
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, keep, values, compact, *layout)
-                if entry.param.grad is not None:  # freezing between backward and step
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, keep, values, compact, *held, layout)
+                if entry.param.grad is not None and layout.kind != "zero3":  # freezing between backward and step
                     frozen_entry.zero_frozen(entry.param.grad)
             self._entries[id(entry.param)] = frozen_entry
+        # Gradients. Unsharded parameters: autograd accumulates into them, a post-accumulate-grad hook masks
+        # each gradient. FSDP2 / FSDP1: autograd accumulates into the unsharded parameters and the framework
+        # reduce-scatters them into the local gradient shard during backward; the shards are masked at the end
+        # of backward (before any clipping), armed from forward hooks on the modules owning frozen parameters.
+        # ZeRO-3: DeepSpeed's optimizer masks them before its step (see `attach`).
+        entries = list(self._entries.values())
         self._grad_handles = [
-            e.param.register_post_accumulate_grad_hook(self._grad_hook) for e in self._entries.values()
+            e.param.register_post_accumulate_grad_hook(self._grad_hook) for e in entries if e.kind == "full"
         ]
+        self._shard_entries = [e for e in entries if e.kind in ("dtensor", "fsdp1")]
+        if self._shard_entries:
+            owned = {id(e.param) for e in self._shard_entries}
+            owners = [m for m in model.modules() if any(id(p) in owned for p in m._parameters.values())]
+            self._grad_handles += [m.register_forward_hook(self._arm_shard_masking) for m in owners]
+        self._armed = False
         self._step_handles: dict[int, Any] = {}
-        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._optimizers: dict[int, Any] = {}
 
     # --- hooks -----------------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
@@ -231,10 +304,86 @@ class MaskFreezer:
             with torch.no_grad():
                 entry.zero_frozen(param.grad)
 
+    def _arm_shard_masking(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: mask the local gradient shards once the backward through ``output`` ends."""
+        if not torch.is_grad_enabled():
+            return
+        for tensor in torch.utils._pytree.tree_leaves(output):
+            if torch.is_tensor(tensor) and tensor.requires_grad:
+                tensor.register_hook(self._on_output_grad)
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        if not self._armed:
+            self._armed = True
+            _queue_after_backward(self._mask_shard_grads)
+
+    def _mask_shard_grads(self) -> None:
+        self._armed = False
+        with torch.no_grad():
+            for entry in self._shard_entries:
+                if entry.param.grad is not None:
+                    entry.zero_frozen(entry.param.grad)
+
     def _step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         entries = [self._entries[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in self._entries]
         with torch.no_grad():
             _restore(entries)
+
+    def _zero3_entries(self) -> list[_FrozenTensor]:
+        return [e for e in self._entries.values() if e.kind == "zero3"]
+
+    def _attach_zero3(self, optimizer: Any) -> None:
+        """DeepSpeed ZeRO-3: its optimizer is no torch optimizer (no hooks) and steps flat fp32 partitions of
+        several parameters; each parameter's local partition is reached through DeepSpeed's local API
+        (``deepspeed.utils.safe_get_local_*``). Its ``step`` is wrapped: mask the local gradient partitions
+        (before DeepSpeed computes the clip norm), step, restore the frozen elements (parameter and master).
+        Dense mechanism: the partitioned optimizer's flat state cannot be made compact."""
+        from deepspeed.utils import (
+            safe_get_local_grad,
+            safe_get_local_optimizer_state,
+            safe_set_local_grad,
+            safe_set_local_optimizer_state,
+        )
+
+        entries = [e for e in self._zero3_entries() if getattr(e.param, "_z3_optimizer", None) is optimizer]
+        state_keys = sorted(
+            {
+                key
+                for state in optimizer.optimizer.state.values()
+                for key, value in state.items()
+                if key not in _STATE_KEPT and torch.is_tensor(value) and value.dim() > 0
+            }
+        )
+        with torch.no_grad():
+            for entry in entries:
+                for key in state_keys:
+                    value = safe_get_local_optimizer_state(entry.param, key)
+                    entry.zero_frozen(value)
+                    safe_set_local_optimizer_state(entry.param, value, key)
+                _restore_zero3_master(entry)
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            with torch.no_grad():
+                for entry in entries:
+                    grad = safe_get_local_grad(entry.param)
+                    if grad is not None:
+                        entry.zero_frozen(grad)
+                        safe_set_local_grad(entry.param, grad)
+            result = original(*args, **kwargs)
+            with torch.no_grad():
+                _restore(entries)
+            return result
+
+        optimizer.step = step
+
+        class _Unwrap:
+            def remove(self) -> None:
+                if optimizer.__dict__.get("step") is step:
+                    del optimizer.step
+
+        self._step_handles[id(optimizer)] = _Unwrap()
+        self._optimizers[id(optimizer)] = optimizer
 
     # --- public ----------------------------------------------------------------------------------
     def attach(self, optimizer: Any) -> torch.optim.Optimizer:
@@ -244,6 +393,11 @@ class MaskFreezer:
         ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); returns the torch optimizer.
         Attaching the same optimizer twice is a no-op.
         """
+        zero3 = _zero3_optimizer(optimizer)
+        if zero3 is not None:
+            if id(zero3) not in self._step_handles:
+                self._attach_zero3(zero3)
+            return zero3
         inner = _unwrap_optimizer(optimizer)
         if id(inner) in self._step_handles:
             return inner
