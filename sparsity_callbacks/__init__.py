@@ -3,7 +3,7 @@
 from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.freeze import MaskFreezer
 from sparsity_callbacks.masks import Mask, Overlap
-from sparsity_callbacks.report import Measurement, TensorCounts
+from sparsity_callbacks.measurement import Measurement, TensorCounts
 from sparsity_callbacks.tracker import SparsityTracker
 
 __all__ = [

@@ -643,7 +643,7 @@ def _download_json(uri: str) -> dict:
 
 
 def _from_mask(mask):
-    from sparsity_callbacks.report import Measurement, TensorCounts
+    from sparsity_callbacks.measurement import Measurement, TensorCounts
 
     tensors = {n: TensorCounts(mask.numel(n), mask.count(n), mask.count(n), 0) for n in mask.names}
     extra = [f"mask metadata: {json.dumps(mask.metadata, default=str)}"] if mask.metadata else []
@@ -651,7 +651,7 @@ def _from_mask(mask):
 
 
 def _from_report_json(data: Any, source: str):
-    from sparsity_callbacks.report import Measurement, TensorCounts
+    from sparsity_callbacks.measurement import Measurement, TensorCounts
 
     found = _find_tensors(data)
     if found is None:

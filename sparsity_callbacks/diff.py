@@ -1,7 +1,7 @@
 """Streaming diff of two checkpoints: which elements of TUNED differ from BASE.
 
-Reads safetensors files chunk by chunk (``os.preadv`` into per-thread buffers, no memory map, so the
-page cache never counts against this process) and compares each chunk with numpy on a few threads:
+Reads safetensors files chunk by chunk (`checkpoint._Reader`: ``os.preadv`` into per-thread buffers, no
+memory map, so the page cache never counts against this process) and compares each chunk with numpy on a few threads:
 peak memory is a few MB, whatever the model size (``rank=True`` adds one float32 ΔW per tensor in
 flight; ``mask=True`` the mask itself, 1 bit per element). Each stored tensor is compared once.
 
@@ -17,10 +17,8 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -32,8 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsity_callbacks.checkpoint import (
+    _DTYPES,
+    Checkpoint,
+    CheckpointError,
+    TensorInfo,
+    _Reader,
+    open_checkpoint,
+)
 from sparsity_callbacks.masks import Mask
-from sparsity_callbacks.report import Measurement, TensorCounts
+from sparsity_callbacks.measurement import Measurement, TensorCounts
 
 __all__ = [
     "Checkpoint",
@@ -46,204 +52,17 @@ __all__ = [
     "open_checkpoint",
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _COMPARE_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_MAX_HEADER = 100 << 20
 _SIGNATURE_SAMPLES = 4096  # as `params._tensor_signature`
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found or read (missing, not safetensors, truncated)."""
 
 
 class IncompatibleCheckpointsError(ValueError):
     """The two checkpoints cannot be compared (different architectures, nothing in common)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: where each tensor's bytes are
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """One stored tensor: ``dtype`` is the safetensors code (``"F32"``, ``"BF16"``, ...); ``offset``
-    the absolute byte offset of its data in ``path``; ``nbytes`` its size in bytes."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    path: str
-    offset: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return _DTYPES.get(self.dtype)
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in _FLOAT_CODES
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The stored tensors of a safetensors file, a (sharded) model folder or a Hub snapshot.
-    ``source`` is what the user gave, ``root`` the local path it resolved to."""
-
-    source: str
-    root: str
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def files(self) -> list[str]:
-        return sorted({t.path for t in self.tensors.values()})
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data."""
-        return sum(t.nbytes for t in self.tensors.values())
-
-
-def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Index the tensors of ``source``: a ``.safetensors`` file, a Hugging Face model folder
-    (``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a Hub id
-    ``org/name[@revision]`` (downloaded with ``huggingface_hub.snapshot_download``, safetensors and
-    JSON only). Reads only the headers. Raises `CheckpointError` / `FileNotFoundError`."""
-    source = os.fspath(source)
-    root = _resolve(source)
-    files = _safetensors_files(root)
-    tensors: dict[str, TensorInfo] = {}
-    for path in files:
-        for info in _read_header(path):
-            tensors.setdefault(info.name, info)  # a name stored twice is compared once (its first copy)
-    if not tensors:
-        raise CheckpointError(f"{source!r} holds no tensors.")
-    return Checkpoint(source=source, root=root, tensors=tensors)
-
-
-def _resolve(source: str) -> str:
-    if os.path.exists(source):
-        return source
-    if _HUB_ID.match(source) and not source.endswith((".safetensors", ".json")):
-        repo_id, _, revision = source.partition("@")
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
-        except Exception as err:
-            raise CheckpointError(
-                f"{source!r} is not a local path, and downloading it from the Hugging Face Hub failed "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). HINT: check the "
-                "path or the repository id, and HF_TOKEN for private repositories."
-            ) from None
-    raise FileNotFoundError(
-        f"{source!r} does not exist. HINT: pass a .safetensors file, a model folder, "
-        "or a Hugging Face Hub id like `org/name`."
-    )
-
-
-def _safetensors_files(root: str) -> list[str]:
-    if os.path.isfile(root):
-        return [root]
-    index = os.path.join(root, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
-                "corrupt; re-save the model with `save_pretrained`."
-            ) from None
-        files = sorted(set(weight_map.values()), key=lambda f: list(weight_map.values()).index(f))
-        paths = [os.path.join(root, f) for f in files]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise CheckpointError(
-                f"{index!r} lists {len(missing)} shard(s) that are not there (e.g. "
-                f"{os.path.basename(missing[0])!r}). HINT: the download is incomplete."
-            )
-        return paths
-    single = os.path.join(root, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
-    if not found:
-        others = [f for f in os.listdir(root) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = (
-            f" It has {others[:3]}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
-            if others
-            else ""
-        )
-        raise CheckpointError(f"No .safetensors file in {root!r}.{hint}")
-    return found
-
-
-def _read_header(path: str) -> list[TensorInfo]:
-    hint = "HINT: the file is truncated or not safetensors; re-download or re-save it."
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path!r} is too short to be a safetensors file ({size} bytes). {hint}")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path!r} is not a safetensors file (header length {header_len}). {hint}")
-            header = json.loads(handle.read(header_len))
-    except OSError as err:
-        raise CheckpointError(f"Cannot read {path!r}: {err}.") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{path!r} has a corrupt safetensors header ({err}). {hint}") from None
-    data_start = 8 + header_len
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(
-                name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path, data_start + begin, end - begin
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path!r}: corrupt header entry for tensor {name!r}. {hint}") from None
-        if data_start + end > size or end < begin:
-            raise CheckpointError(
-                f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}. {hint}"
-            )
-        dtype = info.torch_dtype
-        if dtype is not None and info.nbytes != info.numel * dtype.itemsize:
-            raise CheckpointError(
-                f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
-                f"{list(info.shape)} of {info.dtype}. {hint}"
-            )
-        infos.append(info)
-    return infos
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,23 +544,10 @@ class _Engine:
         self.chunk_numel = chunk_numel
         self.mask = mask
         self._local = threading.local()
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._reader = _Reader()
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        return fd
+        self._reader.close()
 
     def _buf(self, kind: str, dtype: Any, n: int) -> np.ndarray:
         buffers = getattr(self._local, "buffers", None)
@@ -756,7 +562,7 @@ class _Engine:
     def _read(self, info: TensorInfo, lo: int, n: int, kind: str) -> np.ndarray:
         item = info.torch_dtype.itemsize
         raw = self._buf(kind, np.uint8, n * item)
-        _pread_exact(self._fd(info.path), raw, info.offset + lo * item, info.path)
+        self._reader.read(info, lo, raw)
         return raw
 
     def chunk(self, job: _Job, lo: int, n: int) -> tuple[int, list[int], int]:
@@ -856,21 +662,6 @@ def _as_compared(raw: np.ndarray, code: str, target: str, engine: _Engine, side:
     # bfloat16
     bits = raw.view(np.uint16) if code == "BF16" else _round_bf16(_as_float32(raw, code))
     return bits.view(np.int16), (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _pread_exact(fd: int, out: np.ndarray, offset: int, path: str) -> None:
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [view[done:]], offset + done)
-        else:  # Windows
-            data = os.pread(fd, len(view) - done, offset + done) if hasattr(os, "pread") else b""
-            view[done : done + len(data)] = data
-            got = len(data)
-        if got <= 0:
-            raise CheckpointError(f"{path!r} ended early (truncated while reading?). HINT: re-download or re-save it.")
-        done += got
 
 
 def _signature_sample(raw: np.ndarray, lo: int, numel: int) -> np.ndarray | None:

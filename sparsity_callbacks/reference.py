@@ -169,40 +169,16 @@ def _new_host_buffer(numel: int, dtype: torch.dtype, pin: bool, path: str | None
     return buffer.pin_memory() if pin else buffer
 
 
-HOST_RAM_LIMIT_ENV = "SPARSITY_CALLBACKS_HOST_RAM_LIMIT"
+def _planar_to_bool_chunks(packed: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Planar-per-chunk packed bits of a whole tensor -> flat bool in element order."""
+    step = chunk // 8
+    pieces = [_planar_to_bool(packed[i : i + step]) for i in range(0, packed.numel(), step)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool, device=packed.device)
 
 
-def _available_host_bytes() -> int:
-    """Host RAM available to this process now, in bytes: MemAvailable on Linux, capped by the environment
-    variable ``SPARSITY_CALLBACKS_HOST_RAM_LIMIT`` (bytes; e.g. a container's share, or a test) when set."""
-    import os
-
-    limit = os.environ.get(HOST_RAM_LIMIT_ENV)
-    available = _system_available_bytes()
-    if limit:
-        try:
-            value = int(float(limit))
-        except ValueError:
-            raise ValueError(f"{HOST_RAM_LIMIT_ENV}={limit!r} must be a number of bytes (e.g. 8e9).") from None
-        if value < 0:
-            raise ValueError(f"{HOST_RAM_LIMIT_ENV}={limit!r} must be >= 0 bytes.")
-        available = min(available, value)
-    return available
-
-
-def _system_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        import os
-
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def _repack(packed: torch.Tensor, old_chunk: int, new_chunk: int) -> torch.Tensor:
+    """Re-pack planar bits written with another chunk size."""
+    flags = _planar_to_bool_chunks(packed, old_chunk)
+    step = new_chunk
+    pieces = [_pack_planar(flags[i : i + step]) for i in range(0, flags.numel(), step)]
+    return torch.cat(pieces) if pieces else packed.new_zeros(0)

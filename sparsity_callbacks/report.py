@@ -1,205 +1,68 @@
-"""`Measurement`: counts per tensor, aggregated per layer and module type, flattened to metrics."""
+"""Flat metric dicts and JSON summaries of a `Measurement`: the ``sparsity/...`` keys logged to MLflow
+and the trainers' loggers, and the ``report.json`` layout."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from sparsity_callbacks.params import _layer_index, _module_type
+from sparsity_callbacks.measurement import Measurement, TensorCounts, _corrected
+
+__all__ = ["PREFIX", "Measurement", "TensorCounts"]
 
 PREFIX = "sparsity/"
 
 
-@dataclass(frozen=True)
-class TensorCounts:
-    """Element counts of one tensor (or a sum of tensors). Counts are what was detected; in
-    fingerprint mode they are lower bounds, see `Measurement.changed_miss_probability`."""
+def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
+    """The flat ``sparsity/...`` metric dict of ``m`` (fractions in [0, 1])."""
+    p = m.changed_miss_probability
+    metrics = {
+        f"{PREFIX}changed_fraction": m.changed_fraction,
+        f"{PREFIX}ever_changed_fraction": m.ever_changed_fraction,
+        f"{PREFIX}update_sparsity": m.update_sparsity,
+        f"{PREFIX}tracked_elements": float(m.numel),
+    }
+    if m.has_churn:
+        metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
+    if p:
+        metrics[f"{PREFIX}changed_fraction_upper"] = min(1.0, m._fraction(m.changed_upper))
+    if m.nonfinite:
+        metrics[f"{PREFIX}nonfinite_elements"] = float(m.nonfinite)
 
-    numel: int
-    changed: int = 0
-    ever_changed: int = 0
-    churn: int = 0
+    def fraction(c: TensorCounts) -> float:
+        return min(1.0, _corrected(c.changed, p) / c.numel) if c.numel else math.nan
 
-    def __add__(self, other: TensorCounts) -> TensorCounts:
-        return TensorCounts(
-            self.numel + other.numel,
-            self.changed + other.changed,
-            self.ever_changed + other.ever_changed,
-            self.churn + other.churn,
-        )
-
-
-def _sum(counts: Iterable[TensorCounts]) -> TensorCounts:
-    total = TensorCounts(0)
-    for c in counts:
-        total = total + c
-    return total
-
-
-def _corrected(detected: float, miss_probability: float) -> float:
-    """Unbiased estimate of the true count when each change is missed with ``miss_probability``."""
-    return detected / (1.0 - miss_probability)
+    for module_type, counts in sorted(m.by_module_type().items()):
+        metrics[f"{PREFIX}module/{module_type}/changed_fraction"] = fraction(counts)
+    for layer, counts in sorted(m.by_layer().items()):
+        metrics[f"{PREFIX}layer/{layer}/changed_fraction"] = fraction(counts)
+    if per_tensor:
+        for name, counts in m.tensors.items():
+            metrics[f"{PREFIX}tensor/{name}/changed_fraction"] = fraction(counts)
+    return metrics
 
 
-def _upper_bound(detected: float, miss_probability: float) -> float:
-    """99.9 % upper confidence bound of the true count (normal approximation of the binomial number of
-    misses plus a Poisson floor of 7 for small counts, whose 99.9 % quantile at mean 1 is 5)."""
-    if miss_probability == 0:
-        return float(detected)
-    estimate = _corrected(detected, miss_probability)
-    misses = estimate * miss_probability
-    return detected + misses + 3.1 * math.sqrt(misses) + 7
+def _summary(m: Measurement) -> dict[str, Any]:
+    """JSON-serialisable summary of ``m`` (the ``report.json`` artifact)."""
 
+    def row(c: TensorCounts) -> dict[str, int]:
+        return {"numel": c.numel, "changed": c.changed, "ever_changed": c.ever_changed, "churn": c.churn}
 
-@dataclass(frozen=True)
-class Measurement:
-    """The result of one `SparsityTracker.measure()` (or of an offline diff).
-
-    Attributes:
-        step: optimizer step of the measurement (None if unknown).
-        mode: ``"exact"``, ``"fingerprint"`` or ``"diff"``.
-        tensors: ``{parameter name: TensorCounts}`` of detected counts.
-        changed_miss_probability: probability that a change is not detected (0 in exact mode,
-            1/255 with 8-bit fingerprints for changes of 255 ulps or more).
-        churn_miss_probability: the same for churn (churn always compares fingerprints).
-        has_churn: False at the first measurement after a snapshot or with ``track_churn=False``.
-        nonfinite: elements that are NaN or +-inf now.
-    """
-
-    step: int | None
-    mode: str
-    tensors: Mapping[str, TensorCounts]
-    changed_miss_probability: float = 0.0
-    churn_miss_probability: float = 0.0
-    has_churn: bool = True
-    nonfinite: int = 0
-    skipped: Mapping[str, str] = field(default_factory=dict)
-
-    # --- totals ----------------------------------------------------------------------------------
-    @property
-    def total(self) -> TensorCounts:
-        return _sum(self.tensors.values())
-
-    @property
-    def numel(self) -> int:
-        """Tracked elements."""
-        return self.total.numel
-
-    @property
-    def changed(self) -> float:
-        """Elements differing from the reference now (corrected estimate in fingerprint mode)."""
-        return _corrected(self.total.changed, self.changed_miss_probability)
-
-    @property
-    def changed_upper(self) -> float:
-        """99.9 % upper bound of the changed count (== `changed` in exact mode)."""
-        return _upper_bound(self.total.changed, self.changed_miss_probability)
-
-    @property
-    def ever_changed(self) -> float:
-        """Elements changed at any measurement so far: the ever-changed mask's size (``total.ever_changed``)
-        plus, in fingerprint mode, the changes estimated to be missed now (so it is >= `changed`)."""
-        return self.total.ever_changed + (self.changed - self.total.changed)
-
-    @property
-    def churn(self) -> float:
-        """Elements changed since the previous measurement (corrected estimate)."""
-        return _corrected(self.total.churn, self.churn_miss_probability)
-
-    def _fraction(self, count: float) -> float:
-        return count / self.numel if self.numel else math.nan
-
-    @property
-    def changed_fraction(self) -> float:
-        """Fraction in [0, 1] of tracked elements that differ from the reference now."""
-        return min(1.0, self._fraction(self.changed))
-
-    @property
-    def ever_changed_fraction(self) -> float:
-        """Fraction in [0, 1] of tracked elements changed at any measurement (cumulative)."""
-        return min(1.0, self._fraction(self.ever_changed))
-
-    @property
-    def update_sparsity(self) -> float:
-        """1 - changed fraction (the papers' term)."""
-        return 1.0 - self.changed_fraction
-
-    @property
-    def churn_fraction(self) -> float:
-        return min(1.0, self._fraction(self.churn))
-
-    # --- groups ----------------------------------------------------------------------------------
-    def by_module_type(self) -> dict[str, TensorCounts]:
-        """``{module type: counts}``, e.g. ``self_attn.q_proj``, ``mlp.down_proj``, ``embed_tokens``."""
-        return self._group(lambda name: _module_type(name))
-
-    def by_layer(self) -> dict[int, TensorCounts]:
-        """``{block index: counts}``; tensors outside the blocks are left out."""
-        return {k: v for k, v in self._group(_layer_index).items() if k is not None}
-
-    def by_layer_and_module(self) -> dict[tuple[int | None, str], TensorCounts]:
-        """``{(block index or None, module type): counts}``, the cells of the heatmap."""
-        return self._group(lambda name: (_layer_index(name), _module_type(name)))
-
-    def _group(self, key) -> dict:
-        groups: dict[Any, TensorCounts] = defaultdict(lambda: TensorCounts(0))
-        for name, counts in self.tensors.items():
-            groups[key(name)] = groups[key(name)] + counts
-        return dict(groups)
-
-    # --- output ----------------------------------------------------------------------------------
-    def to_metrics(self, per_tensor: bool = False) -> dict[str, float]:
-        """The flat ``sparsity/...`` metric dict of DESIGN.md (fractions in [0, 1])."""
-        p = self.changed_miss_probability
-        metrics = {
-            f"{PREFIX}changed_fraction": self.changed_fraction,
-            f"{PREFIX}ever_changed_fraction": self.ever_changed_fraction,
-            f"{PREFIX}update_sparsity": self.update_sparsity,
-            f"{PREFIX}tracked_elements": float(self.numel),
-        }
-        if self.has_churn:
-            metrics[f"{PREFIX}churn_fraction"] = self.churn_fraction
-        if p:
-            metrics[f"{PREFIX}changed_fraction_upper"] = min(1.0, self._fraction(self.changed_upper))
-        if self.nonfinite:
-            metrics[f"{PREFIX}nonfinite_elements"] = float(self.nonfinite)
-
-        def fraction(c: TensorCounts) -> float:
-            return min(1.0, _corrected(c.changed, p) / c.numel) if c.numel else math.nan
-
-        for module_type, counts in sorted(self.by_module_type().items()):
-            metrics[f"{PREFIX}module/{module_type}/changed_fraction"] = fraction(counts)
-        for layer, counts in sorted(self.by_layer().items()):
-            metrics[f"{PREFIX}layer/{layer}/changed_fraction"] = fraction(counts)
-        if per_tensor:
-            for name, counts in self.tensors.items():
-                metrics[f"{PREFIX}tensor/{name}/changed_fraction"] = fraction(counts)
-        return metrics
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (the ``report.json`` artifact)."""
-
-        def row(c: TensorCounts) -> dict[str, int]:
-            return {"numel": c.numel, "changed": c.changed, "ever_changed": c.ever_changed, "churn": c.churn}
-
-        return {
-            "step": self.step,
-            "mode": self.mode,
-            "numel": self.numel,
-            "changed": self.changed,
-            "changed_upper": self.changed_upper,
-            "ever_changed": self.ever_changed,
-            "changed_fraction": self.changed_fraction,
-            "ever_changed_fraction": self.ever_changed_fraction,
-            "update_sparsity": self.update_sparsity,
-            "churn_fraction": self.churn_fraction if self.has_churn else None,
-            "changed_miss_probability": self.changed_miss_probability,
-            "nonfinite": self.nonfinite,
-            "skipped": dict(self.skipped),
-            "module_types": {k: row(v) for k, v in sorted(self.by_module_type().items())},
-            "layers": {str(k): row(v) for k, v in sorted(self.by_layer().items())},
-            "tensors": {k: row(v) for k, v in self.tensors.items()},
-        }
+    return {
+        "step": m.step,
+        "mode": m.mode,
+        "numel": m.numel,
+        "changed": m.changed,
+        "changed_upper": m.changed_upper,
+        "ever_changed": m.ever_changed,
+        "changed_fraction": m.changed_fraction,
+        "ever_changed_fraction": m.ever_changed_fraction,
+        "update_sparsity": m.update_sparsity,
+        "churn_fraction": m.churn_fraction if m.has_churn else None,
+        "changed_miss_probability": m.changed_miss_probability,
+        "nonfinite": m.nonfinite,
+        "skipped": dict(m.skipped),
+        "module_types": {k: row(v) for k, v in sorted(m.by_module_type().items())},
+        "layers": {str(k): row(v) for k, v in sorted(m.by_layer().items())},
+        "tensors": {k: row(v) for k, v in m.tensors.items()},
+    }

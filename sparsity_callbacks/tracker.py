@@ -1,68 +1,58 @@
-"""`SparsityTracker`: the framework-free engine. Snapshot, measure, keep the ever-changed mask."""
+"""`SparsityTracker`: the framework-free engine. Snapshot, measure, keep the ever-changed mask.
+
+The memory policy is in `_memory`, the collectives for sharded parameters in `_distributed`, the saved
+state in `_tracker_state`, and the per-chunk kernels in `reference`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sparsity_callbacks._bits import _pack_bits, _popcount, _unpack_bits
+from sparsity_callbacks._bits import _pack_bits, _popcount
+from sparsity_callbacks._distributed import (
+    _dist_ready,
+    _full_signatures,
+    _gather_masks,
+    _nonfinite_across_ranks,
+    _sum_across_ranks,
+)
+from sparsity_callbacks._memory import _choose_mode
+from sparsity_callbacks._tracker_state import _load_state_dict, _read_file, _save, _state_dict, _TensorState
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.masks import Mask
+from sparsity_callbacks.measurement import Measurement, TensorCounts
 from sparsity_callbacks.params import (
     _clean_name,
     _collect_parameters,
     _global_shape,
-    _local_signature_samples,
     _local_tensor,
-    _signature_digest,
     _skip_reason,
     _tensor_signature,
     _TrackedTensor,
 )
 from sparsity_callbacks.reference import (
     _FINGERPRINT_DTYPES,
-    HOST_RAM_LIMIT_ENV,
-    _available_host_bytes,
     _chunks,
     _fingerprint,
     _flat_chunk,
     _KernelRunner,
     _miss_probability,
     _new_host_buffer,
-    _pack_planar,
     _padded,
     _planar_to_bool,
+    _planar_to_bool_chunks,
 )
-from sparsity_callbacks.report import Measurement, TensorCounts
 
 _log = logging.getLogger("sparsity_callbacks")
 
-_STATE_FORMAT = "sparsity_callbacks.tracker_state"
-_STATE_VERSION = 1
 _COMPILE_AUTO_NUMEL = 10_000_000
 _MAX_HISTORY = 4096
-
-
-@dataclass
-class _TensorState:
-    """Per tracked tensor: reference (host values or device fingerprints), previous fingerprint,
-    planar-packed ever-changed bits. All flat, padded to a multiple of 8."""
-
-    numel: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # compare dtype
-    reference: torch.Tensor
-    previous: torch.Tensor | None
-    ever: torch.Tensor
-    signature: str
 
 
 class SparsityTracker:
@@ -288,171 +278,21 @@ class SparsityTracker:
         """Everything needed to continue after a restart: ``{"meta": json str, "tensors": {key: tensor}}``.
         Tensors are on the CPU. Keyed by parameter names."""
         self._require_snapshot()
-        meta = {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
-            "mode": self.mode,
-            "mode_reason": self.mode_reason,
-            "chunk": self._chunk,
-            "has_previous": self._has_previous,
-            "reference_nonfinite": self._reference_nonfinite,
-            "fingerprint_bits": self.config.fingerprint_bits,
-            "history": self.history,
-            "tensors": {
-                name: {"shape": list(s.shape), "dtype": str(s.dtype), "numel": s.numel, "signature": s.signature}
-                for name, s in self._states.items()
-            },
-        }
-        tensors = {}
-        for name, s in self._states.items():
-            tensors[f"reference/{name}"] = s.reference.detach().cpu()
-            tensors[f"ever/{name}"] = s.ever.detach().cpu()
-            if s.previous is not None:
-                tensors[f"previous/{name}"] = s.previous.detach().cpu()
-        return {"meta": json.dumps(meta), "tensors": tensors}
+        return _state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict`: the original reference, ever-changed mask, churn state and history.
         Raises `ValueError` when the state belongs to another model or is corrupt (nothing is changed then)."""
-        try:
-            meta = json.loads(state["meta"])
-            tensors = state["tensors"]
-            if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
-                raise TypeError("the meta data is not a JSON object with 'tensors'")
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"Not a SparsityTracker state ({type(err).__name__}: {err}).") from None
-        if meta.get("format") != _STATE_FORMAT or meta.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"Not a SparsityTracker state of version {_STATE_VERSION}: format={meta.get('format')!r}, "
-                f"version={meta.get('version')!r}."
-            )
-        saved = meta["tensors"]
-        current = {t.name: t for t in self.tracked}
-        missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-        if missing or extra:
-            raise ValueError(
-                f"The tracker state was saved for another model or other include/exclude options: "
-                f"not in the state {missing[:3]}, not in the model {extra[:3]}. HINT: resume with the same model "
-                "and SparsityConfig, or start over with tracker.snapshot()."
-            )
-        for name, tracked in current.items():
-            if tuple(saved[name]["shape"]) != tracked.shape:
-                raise ValueError(
-                    f"The tracker state was saved for another model: {name!r} has shape "
-                    f"{saved[name]['shape']} in the state but {list(tracked.shape)} in the model."
-                )
-            if saved[name]["numel"] != tracked.layout.local_count:
-                raise ValueError(
-                    f"The tracker state was saved with another sharding: {name!r} has {saved[name]['numel']} elements "
-                    f"on this rank in the state but {tracked.layout.local_count} now. HINT: resume with the same "
-                    "number of ranks and the same FSDP/ZeRO wrapping (each rank loads its own state file)."
-                )
-        mode = meta.get("mode")
-        if mode not in ("exact", "fingerprint"):
-            raise ValueError(f"The tracker state is corrupt: mode={mode!r}.")
-        if meta["fingerprint_bits"] != self.config.fingerprint_bits and mode == "fingerprint":
-            raise ValueError(
-                f"The tracker state uses {meta['fingerprint_bits']}-bit fingerprints but the config asks "
-                f"for {self.config.fingerprint_bits}; use the same `fingerprint_bits` to resume."
-            )
-        fp_dtype = _FINGERPRINT_DTYPES.get(meta["fingerprint_bits"])
-        # validate every tensor before touching any state, so a corrupt file leaves the tracker as it was
-        for tracked in self.tracked:
-            info = saved[tracked.name]
-            padded = _padded(info["numel"])
-            reference = tensors.get(f"reference/{tracked.name}")
-            ever = tensors.get(f"ever/{tracked.name}")
-            previous = tensors.get(f"previous/{tracked.name}")
-            expected = getattr(torch, str(info["dtype"]).removeprefix("torch."), None) if mode == "exact" else fp_dtype
-            problem = None
-            if reference is None or ever is None:
-                problem = "its reference or mask tensor is missing"
-            elif reference.numel() != padded or ever.numel() != padded // 8:
-                problem = (
-                    f"it has {reference.numel()} reference and {ever.numel()} mask elements, expected "
-                    f"{padded} and {padded // 8}"
-                )
-            elif reference.dtype != expected or ever.dtype != torch.uint8:
-                problem = f"its reference is {reference.dtype} (expected {expected}) and its mask {ever.dtype}"
-            elif previous is not None and (previous.numel() != padded or previous.dtype != fp_dtype):
-                problem = f"its churn state has {previous.numel()} {previous.dtype} elements"
-            if problem:
-                raise ValueError(
-                    f"The tracker state is corrupt: tensor {tracked.name!r}: {problem}. HINT: resume "
-                    "from an earlier checkpoint, or start over with tracker.snapshot()."
-                )
-        self.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
-        self._choose_compile()
-        states = {}
-        for tracked in self.tracked:
-            info = saved[tracked.name]
-            device = tracked.local().device
-            padded = _padded(info["numel"])
-            reference = tensors[f"reference/{tracked.name}"]
-            ever = tensors[f"ever/{tracked.name}"]
-            previous = tensors.get(f"previous/{tracked.name}") if self.config.track_churn else None
-            if meta["chunk"] != self._chunk:
-                ever = _repack(ever, meta["chunk"], self._chunk)
-            if mode == "exact":
-                pin = device.type == "cuda"
-                host = _new_host_buffer(padded, reference.dtype, pin, self._reference_path(tracked.name))
-                host.copy_(reference)
-                reference = host
-            else:
-                reference = reference.to(device)
-            if previous is not None:
-                previous = previous.to(device)
-            states[tracked.name] = _TensorState(
-                numel=info["numel"],
-                shape=tuple(info["shape"]),
-                dtype=reference.dtype if mode == "exact" else getattr(torch, str(info["dtype"]).removeprefix("torch.")),
-                reference=reference,
-                previous=previous,
-                ever=ever.to(device),
-                signature=info["signature"],
-            )
-        self._states = states
-        self.mode_reason = meta["mode_reason"] + " (restored)"
-        self._reference_nonfinite = int(meta.get("reference_nonfinite", 0))
-        self._has_previous = bool(meta["has_previous"]) and all(s.previous is not None for s in states.values())
-        self.history = list(meta["history"])
-        self.last_measurement = None
-        if self.config.track_churn and not all(s.previous is not None for s in states.values()):
-            for s in states.values():
-                s.previous = torch.zeros(
-                    s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits], device=s.ever.device
-                )
-            self._has_previous = False
+        _load_state_dict(self, state)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `state_dict` to a safetensors file (atomic rename). No pickle."""
-        from safetensors.torch import save_file
-
-        state = self.state_dict()
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in state["tensors"].items()}, tmp, metadata={"meta": state["meta"]})
-        os.replace(tmp, path)
+        self._require_snapshot()
+        _save(self, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore from a file written by `save`. Raises `ValueError` for a corrupt or foreign file."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Tracker state file {path!r} does not exist.")
-        try:
-            with safe_open(path, framework="pt") as handle:
-                meta = (handle.metadata() or {}).get("meta")
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as err:
-            raise ValueError(
-                f"Cannot read tracker state {path!r} ({type(err).__name__}: {err}). HINT: the file is truncated or "
-                "not a tracker state; resume from an earlier checkpoint or start over with snapshot()."
-            ) from None
-        if meta is None:
-            raise ValueError(f"{path!r} is a safetensors file but not a SparsityTracker state.")
-        self.load_state_dict({"meta": meta, "tensors": tensors})
+        self.load_state_dict(_read_file(path))
 
     # --- internals -------------------------------------------------------------------------------
     def _choose_compile(self) -> None:
@@ -483,57 +323,7 @@ class SparsityTracker:
         return getattr(torch, self.config.compare_dtype)
 
     def _choose_mode(self) -> tuple[str, str]:
-        cfg = self.config
-        need = sum(_padded(t.local().numel()) * self._compare_dtype(t).itemsize for t in self.tracked)
-        if cfg.reference_dir is not None:
-            if cfg.mode == "fingerprint":
-                return "fingerprint", "mode='fingerprint' requested (reference_dir is ignored)"
-            return "exact", f"exact reference memory-mapped in {cfg.reference_dir} ({_human(need)} on disk)"
-        available = _available_host_bytes()
-        text = (
-            f"{need / 2**30:.2f} GiB of host RAM needed for an exact reference ({need:,} bytes), "
-            f"{_human(available)} available"
-        )
-        if os.environ.get(HOST_RAM_LIMIT_ENV):
-            text += f" ({HOST_RAM_LIMIT_ENV}={os.environ[HOST_RAM_LIMIT_ENV]})"
-        if cfg.mode == "fingerprint":
-            self._check_device_memory()
-            return "fingerprint", "mode='fingerprint' requested"
-        if cfg.mode == "exact":
-            if need > 0.9 * available:
-                raise MemoryError(
-                    f"mode='exact' cannot fit: {text}. HINT: use mode='fingerprint' "
-                    f"({cfg.fingerprint_bits // 8} byte(s) per element on the device), or reference_dir=<a folder on "
-                    "a disk with room> for a memory-mapped exact reference."
-                )
-            return "exact", f"mode='exact' requested; {text}"
-        if need <= 0.5 * available:
-            return "exact", f"auto: {text}"
-        if cfg.atol > 0:
-            raise MemoryError(
-                f"atol={cfg.atol} needs an exact reference, which cannot fit: {text}. HINT: set "
-                "reference_dir=<folder> for a memory-mapped reference, or atol=0 with mode='fingerprint'."
-            )
-        self._check_device_memory()
-        return "fingerprint", f"auto: {text} (more than half), so {cfg.fingerprint_bits}-bit fingerprints on the device"
-
-    def _check_device_memory(self) -> None:
-        """``fingerprint`` keeps its state on the parameters' device: check it fits in the free CUDA memory."""
-        bytes_per_element = self.config.fingerprint_bits / 8 * (1 + self.config.track_churn) + 1 / 8
-        need: dict[torch.device, float] = {}
-        for t in self.tracked:
-            device = t.local().device
-            if device.type == "cuda":
-                need[device] = need.get(device, 0.0) + _padded(t.local().numel()) * bytes_per_element
-        for device, needed in need.items():
-            free, _ = torch.cuda.mem_get_info(device)
-            if needed > 0.9 * free:
-                raise MemoryError(
-                    f"mode='fingerprint' cannot fit on {device}: {needed / 2**30:.2f} GiB needed, "
-                    f"{free / 2**30:.2f} GiB free. HINT: fingerprint_bits=8, track_churn=False, mode='exact' "
-                    "(host RAM) with reference_dir for a memory-mapped reference, "
-                    "or track fewer tensors with include/exclude."
-                )
+        return _choose_mode(self.config, self.tracked, [self._compare_dtype(t) for t in self.tracked])
 
     def _reference_path(self, name: str) -> str | None:
         if self.config.reference_dir is None or self.mode != "exact":
@@ -667,65 +457,22 @@ class SparsityTracker:
         return _dist_ready() and self.is_sharded
 
     def _sum_across_ranks(self, totals: torch.Tensor) -> torch.Tensor:
-        """Per-tensor counts ``(n, 5)`` (changed, nonfinite, churn, ever, local numel) summed over ranks for
-        sharded tensors, each shard counted once; unsharded (DDP replica) rows stay local."""
+        """Per-tensor counts summed over ranks when sharded (see `_distributed._sum_across_ranks`)."""
         if not self._distributed():
             return totals
-        from sparsity_callbacks.metrics import _SparsityCounts
-
-        metric = _SparsityCounts(len(self.tracked), columns=totals.shape[1]).to(_comm_device())
-        metric.update(totals)
-        summed = metric.compute().cpu()
-        out = totals.clone()
-        for i, t in enumerate(self.tracked):
-            if not t.sharded:
-                continue
-            held = int(summed[i, 4])
-            if held % t.layout.numel:
-                raise RuntimeError(
-                    f"The ranks hold {held} elements of {t.name!r} in total, not a multiple of its {t.layout.numel}: "
-                    "the shards do not cover the tensor evenly. Is every rank measuring the same model?"
-                )
-            out[i] = summed[i] // (held // t.layout.numel)  # HSDP: each shard is held by several ranks
-        return out
-
-    def _exchange(self, payload: Any) -> list[Any]:
-        """``payload`` of every rank (all_gather_object), in rank order."""
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, payload)
-        return gathered
+        return _sum_across_ranks(self.tracked, totals)
 
     def _full_signatures(self) -> dict[str, str]:
         """Signatures of the full tensors: each rank contributes the samples in its shard."""
-        sharded = [t for t in self.tracked if t.sharded]
-        if not sharded:
-            return {}
-        samples = {t.name: _local_signature_samples(t.local().detach().reshape(-1), t.layout) for t in sharded}
-        layouts = [(t.layout.start, t.layout.local_count) for t in sharded]
-        if not _dist_ready():
-            everyone = [(layouts, samples)]
-        else:
-            everyone = self._exchange((layouts, samples))
-        self._rank_layouts = [rank_layouts for rank_layouts, _ in everyone]
-        out = {}
-        for t in sharded:
-            positions = torch.cat([rank_samples[t.name][0] for _, rank_samples in everyone])
-            values = torch.cat([rank_samples[t.name][1] for _, rank_samples in everyone])
-            order = positions.argsort()
-            positions, values = positions[order], values[order]
-            keep = torch.ones_like(positions, dtype=torch.bool)
-            keep[1:] = positions[1:] != positions[:-1]  # replicated shards (HSDP) send the same samples
-            out[t.name] = _signature_digest(t.shape, values[keep])
-        return out
+        signatures, rank_layouts = _full_signatures(self.tracked)
+        if rank_layouts is not None:
+            self._rank_layouts = rank_layouts
+        return signatures
 
     def _nonfinite_across_ranks(self, nonfinite: dict[str, int]) -> dict[str, int]:
         if not self._distributed():
             return nonfinite
-        merged: dict[str, int] = {}
-        for rank_counts in self._exchange(nonfinite):
-            for name, count in rank_counts.items():
-                merged[name] = merged.get(name, 0) + count
-        return merged
+        return _nonfinite_across_ranks(nonfinite)
 
     def _full_mask(self, local: dict[str, torch.Tensor], kind: str) -> Mask:
         """Per-tensor local flat bool flags -> `Mask` of full tensors (gathered over ranks when sharded)."""
@@ -733,24 +480,7 @@ class SparsityTracker:
         packed: dict[str, torch.Tensor] = {}
         sharded = [t for t in self.tracked if t.sharded]
         if sharded and self._distributed():
-            if self._rank_layouts is None:
-                self._rank_layouts = self._exchange([(t.layout.start, t.layout.local_count) for t in sharded])
-            buffer = torch.cat([_pack_bits(local[t.name]) for t in sharded])
-            sizes = [sum((count + 7) // 8 for _, count in rank) for rank in self._rank_layouts]
-            device = _comm_device()
-            padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
-            padded[: buffer.numel()] = buffer.to(device)
-            gathered = [torch.empty_like(padded) for _ in sizes]
-            torch.distributed.all_gather(gathered, padded)
-            gathered = [g.cpu() for g in gathered]
-            for i, t in enumerate(sharded):
-                full = torch.zeros(t.layout.numel, dtype=torch.bool)
-                for rank, rank_layout in enumerate(self._rank_layouts):
-                    offset = sum((count + 7) // 8 for _, count in rank_layout[:i])
-                    start, count = rank_layout[i]
-                    flags = _unpack_bits(gathered[rank][offset : offset + (count + 7) // 8], count)
-                    full[start : start + count] |= flags
-                packed[t.name] = _pack_bits(full)
+            packed, self._rank_layouts = _gather_masks(sharded, local, self._rank_layouts)
         for name, flags in local.items():
             if name not in packed:
                 tracked = by_name[name]
@@ -790,35 +520,3 @@ class SparsityTracker:
             "step": self.last_measurement.step if self.last_measurement else None,
             "config": self.config.to_dict(),
         }
-
-
-def _human(n: float) -> str:
-    """Bytes as GiB with the exact byte count (so small numbers never read as a bare "0.00 GiB")."""
-    return f"{n / 2**30:.2f} GiB ({int(n):,} bytes)"
-
-
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _comm_device() -> torch.device:
-    """Where collective buffers must live: the current CUDA device for NCCL, else the CPU (gloo)."""
-    backend = str(torch.distributed.get_backend()).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _planar_to_bool_chunks(packed: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Planar-per-chunk packed bits of a whole tensor -> flat bool in element order."""
-    step = chunk // 8
-    pieces = [_planar_to_bool(packed[i : i + step]) for i in range(0, packed.numel(), step)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool, device=packed.device)
-
-
-def _repack(packed: torch.Tensor, old_chunk: int, new_chunk: int) -> torch.Tensor:
-    """Re-pack planar bits written with another chunk size."""
-    flags = _planar_to_bool_chunks(packed, old_chunk)
-    step = new_chunk
-    pieces = [_pack_planar(flags[i : i + step]) for i in range(0, flags.numel(), step)]
-    return torch.cat(pieces) if pieces else packed.new_zeros(0)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityConfig, SparsityTracker  # noqa: E402
-from sparsity_callbacks.reference import HOST_RAM_LIMIT_ENV  # noqa: E402
+from sparsity_callbacks._memory import HOST_RAM_LIMIT_ENV  # noqa: E402
 from sparsity_callbacks.tracker import _MAX_HISTORY  # noqa: E402
 
 # --- long runs ---------------------------------------------------------------------------------------

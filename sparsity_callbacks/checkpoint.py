@@ -1,0 +1,247 @@
+"""Safetensors checkpoints: find the files of a file, model folder or Hub id, read their headers into an
+index of where each tensor's bytes are (`Checkpoint`, `TensorInfo`), and read those bytes (`_Reader`).
+
+Nothing here compares anything: `diff` does, chunk by chunk, with the rules of `_rules`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_MAX_HEADER = 100 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found or read (missing, not safetensors, truncated)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: ``dtype`` is the safetensors code (``"F32"``, ``"BF16"``, ...); ``offset``
+    the absolute byte offset of its data in ``path``; ``nbytes`` its size in bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_CODES
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The stored tensors of a safetensors file, a (sharded) model folder or a Hub snapshot.
+    ``source`` is what the user gave, ``root`` the local path it resolved to."""
+
+    source: str
+    root: str
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({t.path for t in self.tensors.values()})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Index the tensors of ``source``: a ``.safetensors`` file, a Hugging Face model folder
+    (``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a Hub id
+    ``org/name[@revision]`` (downloaded with ``huggingface_hub.snapshot_download``, safetensors and
+    JSON only). Reads only the headers. Raises `CheckpointError` / `FileNotFoundError`."""
+    source = os.fspath(source)
+    root = _resolve(source)
+    files = _safetensors_files(root)
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for info in _read_header(path):
+            tensors.setdefault(info.name, info)  # a name stored twice is compared once (its first copy)
+    if not tensors:
+        raise CheckpointError(f"{source!r} holds no tensors.")
+    return Checkpoint(source=source, root=root, tensors=tensors)
+
+
+def _resolve(source: str) -> str:
+    if os.path.exists(source):
+        return source
+    if _HUB_ID.match(source) and not source.endswith((".safetensors", ".json")):
+        repo_id, _, revision = source.partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as err:
+            raise CheckpointError(
+                f"{source!r} is not a local path, and downloading it from the Hugging Face Hub failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). HINT: check the "
+                "path or the repository id, and HF_TOKEN for private repositories."
+            ) from None
+    raise FileNotFoundError(
+        f"{source!r} does not exist. HINT: pass a .safetensors file, a model folder, "
+        "or a Hugging Face Hub id like `org/name`."
+    )
+
+
+def _safetensors_files(root: str) -> list[str]:
+    if os.path.isfile(root):
+        return [root]
+    index = os.path.join(root, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
+                "corrupt; re-save the model with `save_pretrained`."
+            ) from None
+        files = sorted(set(weight_map.values()), key=lambda f: list(weight_map.values()).index(f))
+        paths = [os.path.join(root, f) for f in files]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise CheckpointError(
+                f"{index!r} lists {len(missing)} shard(s) that are not there (e.g. "
+                f"{os.path.basename(missing[0])!r}). HINT: the download is incomplete."
+            )
+        return paths
+    single = os.path.join(root, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
+    if not found:
+        others = [f for f in os.listdir(root) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = (
+            f" It has {others[:3]}: convert them with `model.save_pretrained(dir, safe_serialization=True)`."
+            if others
+            else ""
+        )
+        raise CheckpointError(f"No .safetensors file in {root!r}.{hint}")
+    return found
+
+
+def _read_header(path: str) -> list[TensorInfo]:
+    hint = "HINT: the file is truncated or not safetensors; re-download or re-save it."
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path!r} is too short to be a safetensors file ({size} bytes). {hint}")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path!r} is not a safetensors file (header length {header_len}). {hint}")
+            header = json.loads(handle.read(header_len))
+    except OSError as err:
+        raise CheckpointError(f"Cannot read {path!r}: {err}.") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path!r} has a corrupt safetensors header ({err}). {hint}") from None
+    data_start = 8 + header_len
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            info = TensorInfo(
+                name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path, data_start + begin, end - begin
+            )
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path!r}: corrupt header entry for tensor {name!r}. {hint}") from None
+        if data_start + end > size or end < begin:
+            raise CheckpointError(
+                f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}. {hint}"
+            )
+        dtype = info.torch_dtype
+        if dtype is not None and info.nbytes != info.numel * dtype.itemsize:
+            raise CheckpointError(
+                f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
+                f"{list(info.shape)} of {info.dtype}. {hint}"
+            )
+        infos.append(info)
+    return infos
+
+
+class _Reader:
+    """Reads byte ranges of stored tensors with ``os.preadv`` (no memory map, so the page cache never counts
+    against this process). One file descriptor per file, shared by the threads that call `read`."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+    def read(self, info: TensorInfo, lo: int, out: np.ndarray) -> None:
+        """Fill ``out`` (a uint8 buffer) with the bytes of elements ``lo, lo + 1, ...`` of ``info``."""
+        _pread_exact(self._fd(info.path), out, info.offset + lo * info.torch_dtype.itemsize, info.path)
+
+
+def _pread_exact(fd: int, out: np.ndarray, offset: int, path: str) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows
+            data = os.pread(fd, len(view) - done, offset + done) if hasattr(os, "pread") else b""
+            view[done : done + len(data)] = data
+            got = len(data)
+        if got <= 0:
+            raise CheckpointError(f"{path!r} ended early (truncated while reading?). HINT: re-download or re-save it.")
+        done += got
