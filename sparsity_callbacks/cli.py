@@ -633,6 +633,9 @@ def _load_report_source(source: str):
 def _download_json(uri: str) -> dict:
     import mlflow
 
+    from sparsity_callbacks.sinks.mlflow import _require_reachable
+
+    _require_reachable()  # a dead server is named at once, not blamed on the run's files after minutes
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)

@@ -67,6 +67,9 @@ class SparsityConfig:
         mlflow_run_id: log into this existing run.
         mlflow_tracking_uri: tracking URI for a run we start ourselves (default: ``MLFLOW_TRACKING_URI``
             read at run time, else MLflow's default).
+        mlflow_end_timeout_s: seconds the end of training waits at most for MLflow to take what is still
+            queued (the final metrics and the artifacts); what is left is written to a fallback file. With
+            the server unreachable at that moment the wait ends after one failed attempt.
     """
 
     every_n_steps: int | None = None
@@ -89,6 +92,7 @@ class SparsityConfig:
     mlflow_experiment: str | None = None
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
+    mlflow_end_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         self.compare_dtype = _dtype_name(self.compare_dtype)
@@ -171,6 +175,10 @@ class SparsityConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise _bad(name, value, "a string or None")
+
+        value = self.mlflow_end_timeout_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise _bad("mlflow_end_timeout_s", value, "a positive, finite number of seconds")
 
     def replace(self, **overrides: Any) -> SparsityConfig:
         """A copy with ``overrides`` applied (validated). Unknown names raise `TypeError`."""

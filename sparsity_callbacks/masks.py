@@ -242,6 +242,9 @@ class Mask:
             import mlflow
         except ImportError:
             raise ImportError(f"Loading {uri!r} needs MLflow: pip install 'sparsity-callbacks[mlflow]'.") from None
+        from sparsity_callbacks.sinks.mlflow import _require_reachable
+
+        _require_reachable()  # fail fast, naming the server, instead of minutes of MLflow's retries
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)

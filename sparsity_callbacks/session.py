@@ -154,7 +154,7 @@ class _SparsitySession:
         if self.freezer is not None:
             self.freezer.detach()
         if self.sink is not None:
-            self.sink.close()
+            self.sink.close(timeout=self.config.mlflow_end_timeout_s)
             self.sink = None
 
     # --- internals -------------------------------------------------------------------------------

@@ -533,3 +533,21 @@ def test_diff_to_mlflow_then_report_and_overlap_from_the_run(models, tmp_path, c
     code, out, err = _run(["overlap", uri, uri, "--tracking-uri", mlflow_local, "--json", "-"], capsys)
     assert code == 0, err
     assert json.loads(out)["global"]["jaccard"] == pytest.approx(1.0)
+
+
+def test_report_against_a_dead_tracking_server_fails_fast_naming_the_server(tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    code = main(["report", f"runs:/{'a' * 32}", "--tracking-uri", dead, "--png", str(tmp_path / "h.png")])
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"MLflow tracking server at {dead} is unreachable" in err and "report.json" not in err
+    assert took < 15.0, took  # MLflow's own HTTP retries would take minutes
+    assert not (tmp_path / "h.png").exists()

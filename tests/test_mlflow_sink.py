@@ -293,6 +293,10 @@ class _SlowProxy:
             def _forward(self):
                 proxy.requests += 1
                 time.sleep(delay)
+                if proxy.broken:  # like a reverse proxy whose tracking server died
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    self.send_error(503, "tracking server down")
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 request = urllib.request.Request(target + self.path, data=body, headers=headers, method=self.command)
@@ -315,6 +319,7 @@ class _SlowProxy:
                 pass
 
         self.requests = 0
+        self.broken = False
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -348,3 +353,74 @@ def test_a_slow_server_never_slows_the_caller_and_gets_everything(mlflow_server)
     for key in _metrics(0):
         assert _history(client, run_id, key) == [(s, pytest.approx(_metrics(s)[key])) for s in range(40)]
     assert client.get_run(run_id).data.params == {"sparsity.mode": "exact"}
+
+
+def test_an_outage_in_the_middle_of_requests_warns_once_and_says_when_it_recovered(mlflow_server, caplog):
+    """The server fails requests (503) after the run started: MLflow's HTTP client would retry each one
+    internally for minutes (7 retries, exponential backoff) without anyone noticing; the worker's
+    requests are tried once, so the outage warning comes at once and the recovery is logged."""
+    proxy = _SlowProxy(mlflow_server, delay=0.0)
+    caplog.set_level(logging.INFO, logger="sparsity_callbacks.sinks.mlflow")
+    try:
+        sink = MLflowSink(tracking_uri=proxy.uri, experiment="outage-in-flight", retry_interval_s=0.2)
+        sink.log_metrics({"loss/sparsity": 0.0}, step=0)
+        assert sink.flush(timeout=60)
+        run_id = sink.run_id
+        proxy.broken = True
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            deadline = time.monotonic() + 10.0  # MLflow's own retries would hide the outage for minutes
+            step = 1
+            while not _unreachable_warnings(records) and time.monotonic() < deadline:
+                sink.log_metrics({"loss/sparsity": float(step)}, step=step)
+                step += 1
+                time.sleep(0.1)
+            assert len(_unreachable_warnings(records)) == 1
+            proxy.broken = False
+            assert sink.flush(timeout=60)
+            sink.close()
+        assert len(_unreachable_warnings(records)) == 1
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+        client = MlflowClient(mlflow_server)
+        assert _history(client, run_id, "loss/sparsity") == [(s, float(s)) for s in range(step)]
+    finally:
+        proxy.close()
+
+
+def test_close_returns_within_its_timeout_when_the_server_never_answers(tmp_path):
+    """A server that accepts connections and never answers (a hung host): `close(timeout=2)` returns
+    within about 2 s (bound generous for a busy machine) and writes the fallback file."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # connections complete in the kernel backlog; nobody ever reads or answers
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        sink = MLflowSink(tracking_uri=uri, experiment="hung", retry_interval_s=0.2, fallback_dir=str(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(3):
+                sink.log_metrics(_metrics(step), step=step)
+            time.sleep(0.5)  # the worker is now inside its first probe
+            started = time.monotonic()
+            sink.close(timeout=2.0)
+            took = time.monotonic() - started
+    assert took < 2.0 + 1.5, took
+    assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1
+
+
+def test_close_gives_up_after_one_failed_attempt_when_the_server_is_down(tmp_path):
+    """Nothing listens: the end of training does not wait for the timeout, one failed attempt is enough."""
+    sink = MLflowSink(
+        tracking_uri=f"http://127.0.0.1:{_free_port()}",
+        experiment="down",
+        retry_interval_s=0.2,
+        fallback_dir=str(tmp_path),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sink.log_metrics(_metrics(0), step=0)
+        time.sleep(0.3)
+        started = time.monotonic()
+        sink.close(timeout=30.0)
+        took = time.monotonic() - started
+    assert took < 5.0, took
+    assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1

@@ -560,3 +560,33 @@ def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
         frozen_total += int(frozen.sum())
         assert torch.equal(now[frozen].view(torch.int64), at_convert.double()[frozen].view(torch.int64)), name
     assert frozen_total > 0
+
+
+class _Clock(TrainerCallback):
+    """Records when its ``on_train_end`` runs (placed before and after the SparsityCallback)."""
+
+    def __init__(self):
+        self.at_end = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.at_end = time.monotonic()
+
+
+def test_train_end_wait_is_bounded_when_mlflow_is_down_from_the_start(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.chdir(tmp_path)  # the fallback file lands here
+    before, after = _Clock(), _Clock()
+    callback = SparsityCallback(mlflow_end_timeout_s=3.0)
+    args = _args(tmp_path / "out", max_steps=3)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[before, callback, after]).train()
+    # the server is refused at once: one failed attempt ends the wait, far below the 3 s bound
+    assert after.at_end - before.at_end < 3.0, after.at_end - before.at_end
+    assert any("unreachable" in str(w.message) for w in records)
+    assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1

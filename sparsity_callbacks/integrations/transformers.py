@@ -146,8 +146,8 @@ class SparsityCallback(TrainerCallback):
         if self.session is None:
             return
         sink = self.session.sink
-        self.run_id = sink.run_id if sink is not None else None
         measurement = self.session.end(int(state.global_step))
+        self.run_id = sink.run_id if sink is not None else None  # after `end`: never waits for the server
         if measurement is not None and state.is_world_process_zero:
             _log.info(
                 "sparsity_callbacks: step %s: changed %.4f, ever-changed %.4f of %d tracked elements%s",

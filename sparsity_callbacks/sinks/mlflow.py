@@ -16,16 +16,21 @@ bounded by what was measured during the outage: e.g. 100 metric keys every 10 st
 outage is 100 000 values, about 15 MB. Nothing is dropped to bound it.
 
 How the worker avoids MLflow's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` defaults to 7 with a
-backoff of minutes, read from ``os.environ`` at every request, so changing it would also change the
-training thread's and other callbacks' requests): for ``http(s)`` tracking URIs the worker first probes
-``<uri>/health`` with one short-timeout request of its own, without retries, and talks to MLflow only when
-the server answers. A request already in flight when the server dies can still take MLflow's retry time to
-fail; it runs on the worker only, and `close` stops waiting for it after its ``timeout``.
+backoff of minutes and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` to 120 s, both read from ``os.environ`` at every
+request, so changing them would also change the training thread's and other callbacks' requests):
+for ``http(s)`` tracking URIs the worker first probes ``<uri>/health`` with one short-timeout request of
+its own, and talks to MLflow only when the server answers. Its MLflow requests themselves are tried once
+with a ``_REQUEST_TIMEOUT_S`` timeout: MLflow's ``http_request`` is wrapped once per process so that a
+call made on a sink worker thread (a thread-local flag) that does not choose ``max_retries`` / ``timeout``
+itself gets 0 retries and that timeout; calls on every other thread pass through unchanged. So a server
+that dies while a request is in flight is seen at once (the "unreachable" warning), and the worker's own
+backoff retries it (the "reachable again" line). `close` never waits longer than its ``timeout``.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import json
 import logging
@@ -51,7 +56,9 @@ _MAX_KEY_LENGTH = 250
 _MAX_PARAM_VALUE_LENGTH = 6000
 #: seconds the worker waits for the ``/health`` probe before calling the server unreachable.
 _PROBE_TIMEOUT_S = 3.0
-#: seconds `close` waits for a request that is still in flight after its timeout.
+#: seconds one MLflow request of the worker may take (connect or read), tried once (see the module docstring).
+_REQUEST_TIMEOUT_S = 30.0
+#: seconds `close` waits for a request that is still in flight after its timeout (within its deadline).
 _JOIN_GRACE_S = 2.0
 _FALLBACK_VERSION = 1
 #: HTTP statuses that mean "try again later" rather than "this request is wrong".
@@ -140,10 +147,63 @@ def _probe(uri: str, timeout: float) -> bool:
     return True
 
 
+def _require_reachable(uri: str | None = None) -> None:
+    """Raise `ConnectionError` at once when the ``http(s)`` tracking server ``uri`` (default: MLflow's
+    current tracking URI) does not answer its ``/health`` probe within `_PROBE_TIMEOUT_S` -- instead of
+    MLflow's own retries (minutes) ending in an error that blames the run or its files."""
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if _is_http(uri) and not _probe(uri, _PROBE_TIMEOUT_S):
+        raise ConnectionError(
+            f"The MLflow tracking server at {uri} is unreachable (no answer from {uri.rstrip('/')}/health within "
+            f"{_PROBE_TIMEOUT_S:g} s). HINT: start the server, or point --tracking-uri / MLFLOW_TRACKING_URI at one "
+            "that runs."
+        )
+
+
+_on_worker = threading.local()  # `.active` is True on sink worker threads
+#: modules whose ``http_request`` the worker's MLflow calls go through (tracking REST calls, proxied artifacts).
+_REQUEST_MODULES = (
+    "mlflow.utils.rest_utils",
+    "mlflow.store.tracking.rest_store",
+    "mlflow.store.artifact.http_artifact_repo",
+)
+
+
+def _limit_worker_requests() -> None:
+    """Wrap MLflow's ``http_request`` (once per process) so that, on a sink worker thread only, a request
+    is tried once with a `_REQUEST_TIMEOUT_S` timeout unless the caller chose otherwise. Other threads
+    are unaffected; nothing global (environment variables, MLflow settings) is changed."""
+    import importlib
+
+    for name in _REQUEST_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        original = getattr(module, "http_request", None)
+        if original is None or getattr(original, "_sparsity_limited", False):
+            continue
+
+        @functools.wraps(original)
+        def http_request(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if getattr(_on_worker, "active", False) and len(args) <= 3:  # (host_creds, endpoint, method)
+                if kwargs.get("max_retries") is None:
+                    kwargs["max_retries"] = 0
+                if kwargs.get("timeout") is None:
+                    kwargs["timeout"] = _REQUEST_TIMEOUT_S
+            return _original(*args, **kwargs)
+
+        http_request._sparsity_limited = True  # type: ignore[attr-defined]
+        module.http_request = http_request
+
+
 def _close_at_exit(ref: weakref.ReferenceType[MLflowSink]) -> None:
     sink = ref()
     if sink is not None:
-        sink.close(timeout=10.0)
+        sink.close()
 
 
 class MLflowSink:
@@ -226,6 +286,7 @@ class MLflowSink:
         self._closing = False
         self._closed = False
         self._wake = False
+        self._failed_attempts = 0
 
         # run state (set by `_resolve` on the caller's thread; `_run_id` may be set later by the worker)
         self._resolved = False
@@ -355,25 +416,34 @@ class MLflowSink:
         self._emit_notices()
         return done
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Flush (waiting at most ``timeout`` s), terminate a run the sink created (FINISHED), stop the
-        worker. Whatever could not be delivered is written to the fallback file, with a warning that says
-        how to replay it. Idempotent; later log calls are ignored."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, terminate a run the sink created (FINISHED), stop the worker; return within about
+        ``timeout`` s whatever the server does (plus the time to write the fallback file). While the
+        server is unreachable the wait ends as soon as one more delivery attempt has failed. Whatever
+        could not be delivered is written to the fallback file, with a warning that says how to replay
+        it. Idempotent; later log calls are ignored."""
         if not self._enabled or self._closed:
             return
+        deadline = time.monotonic() + timeout
         self._closed = True
         if self._resolved and self._owns_run:
             self._enqueue("terminate", "FINISHED", force=True)
+        delivered = True
         with self._cond:
             self._closing = True
             self._wake = True
             self._cond.notify_all()
-        delivered = self.flush(timeout) if self._worker is not None else True
-        with self._cond:
+            if self._worker is not None:
+                target, failures = self._last_seq, self._failed_attempts
+                self._cond.wait_for(
+                    lambda: self._handled_seq >= target or self._stop or self._failed_attempts > failures,
+                    max(0.0, deadline - time.monotonic()),
+                )
+                delivered = self._handled_seq >= target and not self._refused
             self._stop = True
             self._cond.notify_all()
         if self._worker is not None:
-            self._worker.join(_JOIN_GRACE_S)
+            self._worker.join(max(0.0, min(_JOIN_GRACE_S, deadline - time.monotonic())))
         with self._cond:
             leftover = sorted([*self._pending, *self._refused], key=lambda e: e.seq)
         if leftover and (not delivered or self._refused):
@@ -494,11 +564,13 @@ class MLflowSink:
         if self._worker is None:
             with self._cond:
                 if self._worker is None:
+                    _limit_worker_requests()
                     self._worker = threading.Thread(target=self._work, name="MLflowSink-worker", daemon=True)
                     self._worker.start()
 
     # --- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
+        _on_worker.active = True
         failures = 0
         while True:
             with self._cond:
@@ -512,6 +584,7 @@ class MLflowSink:
                 self._on_outage(err)
                 with self._cond:
                     self._create_attempted = True  # `run_id` stops waiting for the run
+                    self._failed_attempts += 1  # `close` stops waiting after a failure
                     self._cond.notify_all()
                 delay = (
                     self._retry_interval_s
