@@ -62,9 +62,7 @@ def _measure_section(args, device: torch.device, rows: list[tuple[str, str, str]
     torch.manual_seed(0)
     tensors = 25
     per = max(8, args.params // tensors)
-    model = torch.nn.ParameterList(
-        [torch.nn.Parameter(torch.randn(per, device=device) * 0.02) for _ in range(tensors)]
-    )
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(per, device=device) * 0.02) for _ in range(tensors)])
     numel = per * tensors
     nbytes = numel * 4
     targets = [torch.empty_like(p) for p in model]
@@ -298,8 +296,7 @@ def _trainer_section(args, device: torch.device, rows: list[tuple[str, str, str]
         (
             "trainer",
             f"Llama {n_params / 1e6:.1f} M params, {steps} steps, measure every 10, SparsityCallback()",
-            f"{with_cb:.2f} s vs {without:.2f} s without: {with_cb / without:.3f}x "
-            f"(median of {len(times[True])})",
+            f"{with_cb:.2f} s vs {without:.2f} s without: {with_cb / without:.3f}x (median of {len(times[True])})",
         )
     )
 

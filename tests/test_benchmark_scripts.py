@@ -1,0 +1,38 @@
+"""The benchmark scripts run: `benchmarks/gpu.py` refuses cleanly without CUDA and its CPU dry run
+exercises the measure and freeze sections (figures are not checked: timings belong in benchmarks/)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GPU = os.path.join(_ROOT, "benchmarks", "gpu.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": _ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, _GPU, *args], capture_output=True, text=True, timeout=600, env=env, cwd=_ROOT
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_without_cuda_exits_2_and_says_why():
+    result = _run()
+    assert result.returncode == 2, result.stderr
+    assert "CUDA is not available" in result.stderr and "--device cpu --small" in result.stderr
+    assert "| measure |" not in result.stdout
+
+
+def test_gpu_script_cpu_dry_run_prints_one_table():
+    result = _run("--device", "cpu", "--small", "--params", "200000", "--sections", "measure,freeze")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| section | what | result |"
+    assert any(line.startswith("| measure | default config") for line in lines)
+    assert "| freeze | 3 optimizers x 2 variants | 6/6 bit-identical |" in lines
