@@ -80,7 +80,8 @@ def _measure_section(args, device: torch.device, rows: list[tuple[str, str, str]
     host_to_device_copy()
     d2d = _median_seconds(device_copy, args.repeats, device)
     h2d = _median_seconds(host_to_device_copy, args.repeats, device)
-    del targets, pinned
+    targets.clear()
+    pinned.clear()
     rows.append(("measure", f"baseline: {device.type} copy_ of {nbytes / 1e9:.2f} GB", f"{d2d * 1e3:.2f} ms"))
     rows.append(("measure", "baseline: pinned host -> device copy_", f"{h2d * 1e3:.2f} ms"))
 
@@ -120,7 +121,6 @@ def _measure_section(args, device: torch.device, rows: list[tuple[str, str, str]
             )
         )
         del tracker
-    del model
 
 
 # --- 2. freeze ---------------------------------------------------------------------------------------
