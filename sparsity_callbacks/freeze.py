@@ -142,17 +142,20 @@ def _restore(entries: list[_FrozenTensor]) -> None:
 
 
 def _restore_zero3_master(entry: _FrozenTensor) -> None:
-    """ZeRO-3 steps an fp32 master partition and copies it into the parameter's partition after every step:
-    set the master's frozen elements to the frozen values too (exact in fp32), through DeepSpeed's local API."""
+    """ZeRO-3 steps an fp32 master partition and copies it into the parameter's partition (then all-gathers
+    the persistent small parameters) inside its ``step``: set the master's frozen elements to the freeze-time
+    values (exact in fp32, and exact back in the parameter's dtype), through DeepSpeed's local API."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     if getattr(entry.param, "_z3_optimizer", None) is None:  # before deepspeed.initialize: no master yet
         return
     master = safe_get_local_fp32_param(entry.param)
     local = master.narrow(0, 0, entry.data().numel())
-    values = entry.data().to(local.dtype)
+    values = entry.frozen.view(entry.dtype).to(local.dtype)
     if entry.keep is None:
         local.copy_(values)
+    elif entry.compact:
+        local.masked_scatter_(~entry.keep, values)
     else:
         local.copy_(torch.where(entry.keep, local, values))
     safe_set_local_fp32_param(entry.param, master)
@@ -335,8 +338,9 @@ class MaskFreezer:
     def _attach_zero3(self, optimizer: Any) -> None:
         """DeepSpeed ZeRO-3: its optimizer is no torch optimizer (no hooks) and steps flat fp32 partitions of
         several parameters; each parameter's local partition is reached through DeepSpeed's local API
-        (``deepspeed.utils.safe_get_local_*``). Its ``step`` is wrapped: mask the local gradient partitions
-        (before DeepSpeed computes the clip norm), step, restore the frozen elements (parameter and master).
+        (``deepspeed.utils.safe_get_local_*``). Its ``step`` is wrapped to mask the local gradient partitions
+        (before DeepSpeed computes the clip norm); a post-hook on the inner torch optimizer restores the frozen
+        elements of the fp32 master, which DeepSpeed then copies into the parameter (and all-gathers).
         Dense mechanism: the partitioned optimizer's flat state cannot be made compact."""
         from deepspeed.utils import (
             safe_get_local_grad,
@@ -370,15 +374,19 @@ class MaskFreezer:
                     if grad is not None:
                         entry.zero_frozen(grad)
                         safe_set_local_grad(entry.param, grad)
-            result = original(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        def restore_masters(*_: Any) -> None:  # between the inner step and DeepSpeed's copy into the model
             with torch.no_grad():
-                _restore(entries)
-            return result
+                for entry in entries:
+                    _restore_zero3_master(entry)
 
         optimizer.step = step
+        inner_hook = optimizer.optimizer.register_step_post_hook(restore_masters)
 
         class _Unwrap:
             def remove(self) -> None:
+                inner_hook.remove()
                 if optimizer.__dict__.get("step") is step:
                     del optimizer.step
 
