@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from sparsity_callbacks._bits import _pack_bits, _unpack_bits
-from sparsity_callbacks.params import _local_signature_samples, _signature_digest, _TrackedTensor
+from sparsity_callbacks._rules import _signature_bits, _signature_digest, _signature_positions
+from sparsity_callbacks.params import _Layout, _TrackedTensor
 
 # Per rank: ``(start, count)`` of each sharded tracked tensor, in tracking order.
 RankLayouts = list[list[tuple[int, int]]]
@@ -32,6 +33,14 @@ def _exchange(payload: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, payload)
     return gathered
+
+
+def _local_signature_samples(local_flat: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global positions, bfloat16 bits as int16) of the signature samples that fall in this rank's slice."""
+    positions = _signature_positions(layout.numel)
+    start = layout.start if layout.sharded else 0
+    inside = positions[(positions >= start) & (positions < start + local_flat.numel())]
+    return inside, _signature_bits(local_flat[(inside - start).to(local_flat.device)])
 
 
 def _local_layouts(sharded: Sequence[_TrackedTensor]) -> list[tuple[int, int]]:

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from sparsity_callbacks._rules import COMPARE_DTYPES
+
 _MODES = ("exact", "fingerprint", "auto")
-_COMPARE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_COMPARE_DTYPES = tuple(COMPARE_DTYPES)
 _FINGERPRINT_BITS = (8, 16)
 
 

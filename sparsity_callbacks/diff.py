@@ -1,9 +1,10 @@
 """Streaming diff of two checkpoints: which elements of TUNED differ from BASE.
 
 Reads safetensors files chunk by chunk (`checkpoint._Reader`: ``os.preadv`` into per-thread buffers, no
-memory map, so the page cache never counts against this process) and compares each chunk with numpy on a few threads:
-peak memory is a few MB, whatever the model size (``rank=True`` adds one float32 ΔW per tensor in
-flight; ``mask=True`` the mask itself, 1 bit per element). Each stored tensor is compared once.
+memory map, so the page cache never counts against this process) and hands each chunk, as a zero-copy
+torch tensor, to the compare rules of `_rules` (the same rules `SparsityTracker` applies), on a few
+threads: peak memory is a few MB, whatever the model size (``rank=True`` adds one float32 ΔW per tensor
+in flight; ``mask=True`` the mask itself, 1 bit per element). Each stored tensor is compared once.
 
 Example::
 
@@ -16,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -30,6 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsity_callbacks._bits import _pack_bits
+from sparsity_callbacks._rules import (
+    COMPARE_DTYPES,
+    SIGNATURE_SAMPLES,
+    _beyond_atol,
+    _bits_differ,
+    _count_nonfinite,
+    _signature_bits,
+    _signature_digest,
+    _to_compare,
+)
 from sparsity_callbacks.checkpoint import (
     _DTYPES,
     Checkpoint,
@@ -52,14 +63,6 @@ __all__ = [
     "open_checkpoint",
 ]
 
-_COMPARE_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-_SIGNATURE_SAMPLES = 4096  # as `params._tensor_signature`
-
 
 class IncompatibleCheckpointsError(ValueError):
     """The two checkpoints cannot be compared (different architectures, nothing in common)."""
@@ -70,8 +73,9 @@ class IncompatibleCheckpointsError(ValueError):
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class TensorDiff:
-    """Diff of one tensor. ``changed``: elements whose bits differ (in ``compare_dtype``), with
-    NaN in both counted unchanged; ``within[i]``: elements with ``|tuned - base| > atols[i]``;
+    """Diff of one tensor, by the rules of `_rules`. ``changed``: elements whose bits differ (in
+    ``compare_dtype``; a NaN whose payload changes counts); ``within[i]``: elements changed with
+    ``atol=atols[i]`` (bits differ and not ``|tuned - base| <= atols[i]``, in float64);
     ``nonfinite``: NaN/inf elements of TUNED; ``rank``: numerical rank of ΔW (2-D tensors, on request)."""
 
     name: str
@@ -265,11 +269,12 @@ def diff_checkpoints(
 
     Args:
         base, tuned: a ``.safetensors`` file, a model folder, a Hub id, or an opened `Checkpoint`.
-        atol: one tolerance or several (each gives its own count): changed iff ``|tuned - base| > atol``.
-        compare_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"float64"``): round both to
-            this dtype (to nearest even, as ``Tensor.to``) before comparing; bf16 counts fp32 drift below
-            one bf16 ulp as unchanged. ``None``: compare as stored; tensors whose dtypes differ are then
-            skipped (listed in ``skipped``).
+        atol: one tolerance or several (each gives its own count): changed iff the bits differ and not
+            ``|tuned - base| <= atol`` (float64; see `_rules`). The exact count (bits differ) is always given.
+        compare_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"float64"``): convert both to
+            this dtype with ``Tensor.to`` (round to nearest even; NaN made canonical) before comparing;
+            bf16 counts fp32 drift below one bf16 ulp as unchanged. ``None``: compare as stored; tensors
+            whose dtypes differ are then skipped (listed in ``skipped``).
         rank: numerical rank of each 2-D update ΔW = tuned - base (float32, `torch.linalg.matrix_rank`,
             None where ΔW has NaN/inf); holds the ΔW of the tensors in flight (4 bytes per element).
         mask: also build the changed mask (bits differ, in ``compare_dtype``) as ``result.mask``, with the
@@ -342,7 +347,7 @@ def diff_checkpoints(
     result.bytes_read = done_bytes
     if mask:
         shapes = {n: t.shape for n, t in result.tensors.items()}
-        bits = {job.diff.name: torch.from_numpy(job.packed) for job in jobs}
+        bits = {job.diff.name: job.packed for job in jobs}
         signatures = {job.diff.name: job.signature for job in jobs if job.signature is not None}
         metadata = {
             "source": "diff",
@@ -379,8 +384,8 @@ def _compare_dtype(value: str | torch.dtype | None) -> str | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else value
-    if name not in _COMPARE_DTYPES:
-        raise ValueError(f"`compare_dtype` must be one of {sorted(_COMPARE_DTYPES)} or None, got {value!r}.")
+    if name not in COMPARE_DTYPES:
+        raise ValueError(f"`compare_dtype` must be one of {sorted(COMPARE_DTYPES)} or None, got {value!r}.")
     return name
 
 
@@ -443,7 +448,9 @@ def _plan(a: Checkpoint, b: Checkpoint, atols: tuple[float, ...], cdtype: str | 
 
 
 def _code_to_name(code: str) -> str:
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(code, "float32")
+    """The compare dtype that holds a stored dtype (float8 -> float32)."""
+    name = str(_DTYPES.get(code)).removeprefix("torch.")
+    return name if name in COMPARE_DTYPES else "float32"
 
 
 def _progress(progress: bool | ProgressFn, total: int):
@@ -480,14 +487,14 @@ def _progress(progress: bool | ProgressFn, total: int):
 @dataclass(eq=False)
 class _Job:
     """One tensor pair in flight. ``packed``: its mask bits; ``delta``: ΔW for ``rank``; ``samples``:
-    ``(first element, raw values)`` of the elements `params._tensor_signature` samples."""
+    ``(first element, values)`` of the elements the base tensor's signature samples (`_rules`, rule 5)."""
 
     a: TensorInfo
     b: TensorInfo
     diff: TensorDiff
     remaining: int = 0
-    packed: np.ndarray | None = None
-    delta: np.ndarray | None = None
+    packed: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
     samples: list = field(default_factory=list)
     signature: str | None = None
 
@@ -506,40 +513,34 @@ def _start(job: _Job, lo: int, rank: bool, mask: bool) -> None:
         return
     numel = job.diff.numel
     if mask:
-        job.packed = np.zeros((numel + 7) // 8, dtype=np.uint8)
+        job.packed = torch.zeros((numel + 7) // 8, dtype=torch.uint8)
     if rank and len(job.diff.shape) == 2:
-        job.delta = np.empty(numel, dtype=np.float32)
+        job.delta = torch.empty(numel, dtype=torch.float32)
 
 
 def _finalize(job: _Job, rank: bool) -> None:
     """After a tensor's last chunk: its rank and its mask signature."""
     t = job.diff
     if job.delta is not None:
-        delta = torch.from_numpy(job.delta).view(t.shape)
+        delta = job.delta.view(t.shape)
         if not t.changed:
             t.rank = 0
         elif bool(torch.isfinite(delta).all()):  # NaN/inf updates have no rank
             t.rank = int(torch.linalg.matrix_rank(delta))
         job.delta = None
     if job.samples:
-        raw = torch.from_numpy(np.concatenate([s for _, s in sorted(job.samples, key=lambda x: x[0])]))
-        if t.numel // _SIGNATURE_SAMPLES > 1:
-            # `_tensor_signature` converts a strided view, and torch turns NaN into other bf16 bits on
-            # strided than on contiguous input: convert a strided view too, so NaN samples agree.
-            spaced = torch.empty(2 * raw.numel(), dtype=raw.dtype)
-            spaced[::2] = raw
-            raw = spaced[::2]
-        sample = raw.view(job.a.torch_dtype).to(torch.bfloat16)
-        job.signature = _signature(t.shape, sample)
+        values = torch.cat([s for _, s in sorted(job.samples, key=lambda x: x[0])])
+        job.signature = _signature_digest(t.shape, _signature_bits(values))
         job.samples = []
 
 
 class _Engine:
     """Reads and compares one chunk of one tensor pair; safe to call from several threads (each thread
-    has its own buffers; numpy releases the GIL in its loops and ``os.preadv`` does too)."""
+    has its own read buffers; ``os.preadv`` and torch's kernels release the GIL). Each chunk is handed to
+    the rules of `_rules` as a zero-copy tensor over the read buffer."""
 
     def __init__(self, cdtype: str | None, atols: tuple[float, ...], chunk_numel: int, mask: bool) -> None:
-        self.cdtype = cdtype
+        self.cdtype = COMPARE_DTYPES[cdtype] if cdtype is not None else None
         self.atols = atols
         self.chunk_numel = chunk_numel
         self.mask = mask
@@ -549,134 +550,56 @@ class _Engine:
     def close(self) -> None:
         self._reader.close()
 
-    def _buf(self, kind: str, dtype: Any, n: int) -> np.ndarray:
+    def _read(self, info: TensorInfo, lo: int, n: int, kind: str) -> torch.Tensor:
+        """Elements ``[lo, lo + n)`` of ``info`` as a tensor of its dtype over this thread's ``kind`` buffer."""
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
             buffers = self._local.buffers = {}
         buf = buffers.get(kind)
-        if buf is None or buf.dtype != dtype:
-            size = self.chunk_numel * (8 if dtype == np.uint8 else 1)
-            buf = buffers[kind] = np.empty(size, dtype=dtype)
-        return buf[:n]
-
-    def _read(self, info: TensorInfo, lo: int, n: int, kind: str) -> np.ndarray:
-        item = info.torch_dtype.itemsize
-        raw = self._buf(kind, np.uint8, n * item)
+        if buf is None:
+            buf = buffers[kind] = np.empty(self.chunk_numel * 8, dtype=np.uint8)
+        raw = buf[: n * info.torch_dtype.itemsize]
         self._reader.read(info, lo, raw)
-        return raw
+        return torch.from_numpy(raw).view(info.torch_dtype)
 
     def chunk(self, job: _Job, lo: int, n: int) -> tuple[int, list[int], int]:
-        """Counts of elements ``[lo, lo + n)``: ``(changed, [|Δ| > atol per atol], nonfinite in TUNED)``;
-        writes the mask bits, ΔW and signature samples into ``job``."""
-        raw_a = self._read(job.a, lo, n, "raw_a")
-        raw_b = self._read(job.b, lo, n, "raw_b")
+        """Counts of elements ``[lo, lo + n)``: ``(changed, [changed with atol, per atol], nonfinite in
+        TUNED)`` by the rules of `_rules`; writes the mask bits, ΔW and signature samples into ``job``."""
+        a = self._read(job.a, lo, n, "a")
+        b = self._read(job.b, lo, n, "b")
         if self.mask:
-            sample = _signature_sample(raw_a.view(_NP_INT[job.a_item]), lo, job.diff.numel)
+            sample = _signature_sample(a, lo, job.diff.numel)
             if sample is not None:
                 job.samples.append((lo, sample))
-        target = self.cdtype or _CODE_NAME[job.a.dtype]
-        bits_a, va = _as_compared(raw_a, job.a.dtype, target, self, "a")
-        bits_b, vb = _as_compared(raw_b, job.b.dtype, target, self, "b")
-        ne = self._buf("ne", np.bool_, n)
-        np.not_equal(bits_a, bits_b, out=ne)
-        changed = int(np.count_nonzero(ne))
+        target = self.cdtype or a.dtype
+        base, tuned = _to_compare(a, target), _to_compare(b, target)
+        differ = _bits_differ(tuned, base)
+        changed = int(differ.sum())
+        nonfinite = _count_nonfinite(b)
         delta = job.delta[lo : lo + n] if job.delta is not None else None
-        if changed == 0:
+        if changed == 0:  # the atol counts are subsets of the exact one
             if delta is not None:
-                delta.fill(0.0)
-            finite = bool(np.isfinite(vb.max()) and np.isfinite(vb.min())) if n else True
-            return 0, [0] * len(self.atols), 0 if finite else n - int(np.count_nonzero(np.isfinite(vb)))
-        d = self._buf("d64" if va.dtype == np.float64 else "d32", va.dtype, n)
-        np.subtract(vb, va, out=d)
-        if delta is not None:
-            np.copyto(delta, d, casting="same_kind")
-        np.abs(d, out=d)
-        largest = d.max()
-        if np.isfinite(largest):
-            # No NaN/inf anywhere (|Δ| would not be finite), so |Δ| > atol implies that the bits differ.
-            gt = self._buf("gt", np.bool_, n)
-            within = [
-                0 if largest <= atol else int(np.count_nonzero(np.greater(d, atol, out=gt))) for atol in self.atols
-            ]
-            nonfinite = 0
-        else:
-            # Only for chunks holding NaN/inf: NaN in both counts as unchanged (DESIGN.md).
-            np.logical_and(ne, ~(np.isnan(va) & np.isnan(vb)), out=ne)
-            changed = int(np.count_nonzero(ne))
-            with np.errstate(invalid="ignore"):
-                within = [int(np.count_nonzero(ne & ~(d <= atol))) for atol in self.atols]
-            nonfinite = n - int(np.count_nonzero(np.isfinite(vb)))
-            if delta is not None:
-                delta[~ne] = 0.0
+                delta.zero_()
+            return 0, [0] * len(self.atols), nonfinite
         if self.mask:
-            job.packed[lo // 8 : lo // 8 + (n + 7) // 8] = np.packbits(ne, bitorder="little")
+            job.packed[lo // 8 : lo // 8 + (n + 7) // 8] = _pack_bits(differ)
+        if delta is not None:
+            step = (tuned - base).float() if tuned.dtype == torch.float64 else tuned.float() - base.float()
+            delta.copy_(step.masked_fill_(~differ, 0.0))
+        if changed == n:
+            within = [int(_beyond_atol(tuned, base, atol).sum()) for atol in self.atols]
+        else:  # |Δ| only where the bits differ
+            tuned, base = tuned[differ], base[differ]
+            within = [int(_beyond_atol(tuned, base, atol).sum()) for atol in self.atols]
         return changed, within, nonfinite
 
 
-_CODE_NAME = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float32",
-    "F8_E5M2": "float32",
-}
-_NP_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-def _as_float32(raw: np.ndarray, code: str) -> np.ndarray:
-    """Exact float32 values of stored ``code`` bytes (float64 is rounded to nearest even, as ``Tensor.to``)."""
-    if code == "F32":
-        return raw.view(np.float32)
-    if code == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if code == "F16":
-        return raw.view(np.float16).astype(np.float32)
-    if code == "F64":
-        return raw.view(np.float64).astype(np.float32)
-    return torch.from_numpy(raw).view(_DTYPES[code]).float().numpy()  # float8: numpy has no such dtype
-
-
-def _round_bf16(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even, NaN -> 0x7FC0: c10's ``round_to_nearest_even``."""
-    u = values.view(np.uint32)
-    out = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
-def _as_compared(raw: np.ndarray, code: str, target: str, engine: _Engine, side: str):
-    """``(bits, values)`` of stored ``code`` bytes in the ``target`` dtype: integer bits to compare, and
-    float32 (float64 for a float64 target) values for ``|Δ|``."""
-    if target == "float64":
-        values = raw.view(np.float64) if code == "F64" else _as_float32(raw, code).astype(np.float64)
-        return values.view(np.int64), values
-    if target == "float32":
-        values = _as_float32(raw, code)
-        return values.view(np.int32), values
-    if target == "float16":
-        half = raw.view(np.float16) if code == "F16" else _as_float32(raw, code).astype(np.float16)
-        return half.view(np.int16), half.astype(np.float32)
-    # bfloat16
-    bits = raw.view(np.uint16) if code == "BF16" else _round_bf16(_as_float32(raw, code))
-    return bits.view(np.int16), (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _signature_sample(raw: np.ndarray, lo: int, numel: int) -> np.ndarray | None:
-    """Raw values (integer view) of this chunk's elements that `params._tensor_signature` samples:
-    indices ``k * stride`` for ``k < 4096``, ``stride = max(1, numel // 4096)``."""
-    stride = max(1, numel // _SIGNATURE_SAMPLES)
-    end = min(lo + raw.shape[0], _SIGNATURE_SAMPLES * stride, numel)
+def _signature_sample(values: torch.Tensor, lo: int, numel: int) -> torch.Tensor | None:
+    """Copies of this chunk's elements (``values`` starts at element ``lo``) that the signature samples:
+    indices ``k * stride`` for ``k < 4096``, ``stride = max(1, numel // 4096)`` (`_rules`, rule 5)."""
+    stride = max(1, numel // SIGNATURE_SAMPLES)
+    end = min(lo + values.shape[0], SIGNATURE_SAMPLES * stride, numel)
     start = -(-lo // stride) * stride
     if start >= end:
         return None
-    return raw[start - lo : end - lo : stride].copy()
-
-
-def _signature(shape: tuple[int, ...], sample: torch.Tensor) -> str:
-    """The digest `params._tensor_signature` gives the full tensor (its bf16-rounded samples; tested)."""
-    digest = hashlib.sha256(str(tuple(shape)).encode())
-    digest.update(sample.contiguous().view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return values[start - lo : end - lo : stride].clone()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sparsity_callbacks._rules import _abs_delta, _as_bits, _to_compare
 from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.masks import Mask
 from sparsity_callbacks.params import _collect_parameters, _Layout, _local_tensor, _TrackedTensor
@@ -21,7 +22,6 @@ from sparsity_callbacks.params import _collect_parameters, _Layout, _local_tenso
 # Optimizer state entries of the parameter's shape that are not per-element moments and are left alone:
 # ``step`` (a counter, 0-d like a 0-d parameter) and ASGD's ``ax`` (the running average of the weights).
 _STATE_KEPT = frozenset({"step", "ax"})
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     ``addcmul``; ``frozen_bits`` is 0 where ``keep``) selects bit-exactly. On CPU this is ~5x faster
     than ``torch.where`` or ``masked_fill_``, whose per-element branch mispredicts on random masks.
     """
-    return tensor if not tensor.is_floating_point() else tensor.view(_INT_OF_SIZE[tensor.element_size()])
+    return tensor if not tensor.is_floating_point() else _as_bits(tensor)
 
 
 @dataclass
@@ -522,8 +522,8 @@ def _cap_density(mask: Mask, tracker: Any, cap: float) -> Mask:
         ref = tracker.reference(name)
         if ref is None:
             raise ValueError(f"No reference values for {name!r}; `mask_density_cap` needs mode='exact'.")
-        weight = _local_tensor(params[name]).detach().to("cpu", ref.dtype)
-        diff = (weight.double() - ref.double()).abs().float().nan_to_num(nan=math.inf).reshape(-1)
+        weight = _to_compare(_local_tensor(params[name]).detach().cpu(), ref.dtype)
+        diff = _abs_delta(weight, ref).float().nan_to_num(nan=math.inf).reshape(-1)
         keep = mask[name].reshape(-1)
         return diff.view(torch.int32)[keep], keep
 

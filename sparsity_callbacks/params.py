@@ -291,41 +291,6 @@ def _collect_parameters(model: torch.nn.Module, config: SparsityConfig) -> tuple
     return tracked, skipped
 
 
-_SIGNATURE_SAMPLES = 4096
-
-
-def _signature_positions(numel: int, samples: int = _SIGNATURE_SAMPLES) -> torch.Tensor:
-    """Flat positions `_tensor_signature` samples: every ``max(1, numel // samples)``-th, at most ``samples``."""
-    stride = max(1, numel // samples)
-    return torch.arange(0, numel, stride, dtype=torch.int64)[:samples]
-
-
-def _signature_digest(shape: tuple[int, ...], sample_bits: torch.Tensor) -> str:
-    """Digest of the shape and the samples' bf16 bits (int16, in position order)."""
-    digest = hashlib.sha256(str(tuple(shape)).encode())
-    digest.update(sample_bits.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _local_signature_samples(local_flat: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global positions, bf16 bits as int16) of the signature samples that fall in this rank's slice."""
-    positions = _signature_positions(layout.numel)
-    start = layout.start if layout.sharded else 0
-    inside = positions[(positions >= start) & (positions < start + local_flat.numel())]
-    values = local_flat[(inside - start).to(local_flat.device)].to(device="cpu", dtype=torch.bfloat16)
-    return inside, values.view(torch.int16)
-
-
-def _tensor_signature(tensor: torch.Tensor, samples: int = _SIGNATURE_SAMPLES) -> str:
-    """Short content hash of ``tensor``: its shape and up to ``samples`` evenly spaced elements, rounded
-    to bfloat16 so that fp32 and bf16 copies of the same weights agree. Cheap on any size.
-    A sharded parameter gets the signature of its full tensor (`SparsityTracker` gathers the samples)."""
-    flat = tensor.detach().reshape(-1)
-    stride = max(1, flat.numel() // samples)
-    sample = flat[::stride][:samples].to(device="cpu", dtype=torch.bfloat16).contiguous()
-    return _signature_digest(tuple(tensor.shape), sample.view(torch.int16))
-
-
 def _architecture_signature(shapes: dict[str, tuple[int, ...]]) -> str:
     """Hash of the tracked names and shapes."""
     text = ";".join(f"{n}:{list(s)}" for n, s in sorted(shapes.items()))

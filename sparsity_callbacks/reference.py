@@ -1,4 +1,6 @@
-"""How the reference is held and compared: per-chunk kernels for `exact` and `fingerprint` modes.
+"""How the reference is held and compared: per-chunk kernels for `exact` and `fingerprint` modes. What
+counts as changed is `_rules`; this module applies it chunk by chunk (the hot loop of `measure()` is
+`_kernel`, called once per chunk from `SparsityTracker._run_chunk`).
 
 Layout: every per-tensor state is a flat tensor padded to a multiple of 8 elements and processed in
 chunks of ``chunk`` elements (a multiple of 8). Bit masks (changed, ever-changed) are packed *planar
@@ -23,22 +25,18 @@ import warnings
 
 import torch
 
+from sparsity_callbacks._rules import _as_bits, _changed, _to_compare
+
 _log = logging.getLogger("sparsity_callbacks")
 
 _MODULI = {8: 255, 16: 65535}
 _FINGERPRINT_DTYPES = {8: torch.uint8, 16: torch.int16}
-_INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
 def _miss_probability(bits: int) -> float:
     """Probability that an unstructured change is not detected by a ``bits``-bit fingerprint."""
     return 1.0 / _MODULI[bits]
-
-
-def _as_bits(values: torch.Tensor) -> torch.Tensor:
-    """Integer view of the raw bits of a float tensor (same shape)."""
-    return values.view(_INT_VIEWS[values.element_size()])
 
 
 def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -81,15 +79,6 @@ def _planar_to_bool(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.view(1, -1) >> _SHIFTS_CACHE[device]) & 1).reshape(-1).bool()
 
 
-def _changed_flags(current: torch.Tensor, reference: torch.Tensor, atol: float) -> torch.Tensor:
-    """Bool per element: changed. atol == 0: any bit differs (a NaN with the same bits is unchanged).
-    atol > 0: |w - ref| > atol, or exactly one of the two is NaN."""
-    if atol == 0:
-        return _as_bits(current) != _as_bits(reference)
-    cur, ref = current.float(), reference.float()
-    return ((cur - ref).abs() > atol) | (torch.isnan(cur) != torch.isnan(ref))
-
-
 def _kernel(
     current: torch.Tensor,
     reference: torch.Tensor,
@@ -107,7 +96,7 @@ def _kernel(
     if fingerprint_reference:
         changed = _pack_planar(fingerprint != reference)
     else:
-        changed = _pack_planar(_changed_flags(current, reference, atol))
+        changed = _pack_planar(_changed(current, reference, atol))
     churn = None
     if previous is not None:
         churn = _pack_planar(fingerprint != previous)
@@ -154,8 +143,9 @@ def _padded(numel: int) -> int:
 
 
 def _flat_chunk(flat: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-    """``flat[start:end]`` in ``dtype``, zero-padded when ``end`` runs past the tensor (the last chunk)."""
-    piece = flat[start:end].to(dtype)
+    """``flat[start:end]`` in the compare ``dtype`` (`_rules._to_compare`), zero-padded when ``end`` runs past
+    the tensor (the last chunk)."""
+    piece = _to_compare(flat[start:end], dtype)
     if piece.numel() < end - start:
         piece = torch.cat([piece, piece.new_zeros(end - start - piece.numel())])
     return piece

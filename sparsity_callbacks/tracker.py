@@ -23,6 +23,7 @@ from sparsity_callbacks._distributed import (
     _sum_across_ranks,
 )
 from sparsity_callbacks._memory import _choose_mode
+from sparsity_callbacks._rules import COMPARE_DTYPES, _any_nonfinite, _count_nonfinite, _tensor_signature
 from sparsity_callbacks._tracker_state import _load_state_dict, _read_file, _save, _state_dict, _TensorState
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.masks import Mask
@@ -33,7 +34,6 @@ from sparsity_callbacks.params import (
     _global_shape,
     _local_tensor,
     _skip_reason,
-    _tensor_signature,
     _TrackedTensor,
 )
 from sparsity_callbacks.reference import (
@@ -183,21 +183,15 @@ class SparsityTracker:
                 counts[0] += _popcount(changed)
                 if churn is not None:
                     counts[2] += _popcount(churn)
-            # NaN/inf anywhere makes the sum non-finite: one fast reduction, exact count only when needed.
-            counts[1] = ~torch.isfinite(flat.sum())
+            counts[1] = _any_nonfinite(flat)  # on the device, no sync; the exact count only when set
             counts[3] = _popcount(state.ever)
             counts[4] = state.numel
             rows.append(counts)
         totals = torch.stack([r.cpu() for r in rows])  # one sync per device
         for row, tracked in zip(totals, self.tracked):
             if row[1]:
-                row[1] = int(
-                    (
-                        ~torch.isfinite(
-                            self._local_flat(params[tracked.name], tracked.name, self._states[tracked.name])
-                        )
-                    ).sum()
-                )
+                state = self._states[tracked.name]
+                row[1] = _count_nonfinite(self._local_flat(params[tracked.name], tracked.name, state))
         totals = self._sum_across_ranks(totals)
         self._has_previous = True
         tensors = {
@@ -320,7 +314,7 @@ class SparsityTracker:
     def _compare_dtype(self, tracked: _TrackedTensor) -> torch.dtype:
         if self.config.compare_dtype is None:
             return tracked.local().dtype
-        return getattr(torch, self.config.compare_dtype)
+        return COMPARE_DTYPES[self.config.compare_dtype]
 
     def _choose_mode(self) -> tuple[str, str]:
         return _choose_mode(self.config, self.tracked, [self._compare_dtype(t) for t in self.tracked])
@@ -346,10 +340,9 @@ class SparsityTracker:
             reference = _new_host_buffer(padded, dtype, pin, self._reference_path(tracked.name))
         else:
             reference = torch.empty(padded, dtype=fp_dtype, device=flat.device)
-        nonfinite = 0
+        nonfinite = _count_nonfinite(flat)
         for start, end in _chunks(padded, self._chunk):
             values = _flat_chunk(flat, start, end, dtype)
-            nonfinite += int((~torch.isfinite(values)).sum())
             fingerprint = _fingerprint(values, bits) if (previous is not None or self.mode != "exact") else None
             if self.mode == "exact":
                 reference[start:end].copy_(values, non_blocking=True)

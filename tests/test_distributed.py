@@ -234,7 +234,7 @@ def _deepspeed(rank: int, port: int, tmp: str) -> None:
         params = dict(model.named_parameters())
         tracker = SparsityTracker(model, mode="exact")
         tracker.snapshot()
-        from sparsity_callbacks.params import _tensor_signature
+        from sparsity_callbacks._rules import _tensor_signature
 
         with deepspeed.zero.GatheredParameters(list(params.values())):  # zero.Init initialises differently
             out["full_signatures"] = {n: _tensor_signature(p) for n, p in params.items()}

@@ -12,10 +12,11 @@ from torch import optim
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_gpt2, tiny_llama  # noqa: E402
 
+from sparsity_callbacks._rules import _tensor_signature  # noqa: E402
 from sparsity_callbacks.config import SparsityConfig  # noqa: E402
 from sparsity_callbacks.freeze import MaskFreezer, _resolve_freeze_mask  # noqa: E402
 from sparsity_callbacks.masks import Mask  # noqa: E402
-from sparsity_callbacks.params import _collect_parameters, _tensor_signature  # noqa: E402
+from sparsity_callbacks.params import _collect_parameters  # noqa: E402
 
 _INT_VIEW = {
     torch.float32: torch.int32,
