@@ -63,6 +63,12 @@ class SparsityConfig:
             optimizer steps becomes the trainable set.
         mask_density_cap: keep at most this fraction (0, 1] of tracked elements trainable, the ones
             with the largest ``|w - ref|``, when the discovered mask is denser.
+        compact_optimizer_state: when freezing, let the elementwise ``torch.optim`` optimizers (SGD, Adam,
+            AdamW, NAdam, RAdam, RMSprop, Adagrad, Adamax, Adadelta, Rprop, ASGD) step only the trainable
+            elements: fully frozen tensors leave the step, partly frozen ones are stepped as a 1-D tensor of
+            their trainable elements, so optimizer state and step work scale with the mask's density. The
+            weights are bit-identical to dense freezing (``False``), which other optimizers (Adafactor, Muon,
+            LBFGS, ``fused=True`` on the CPU, unknown classes) keep using, with a note saying why.
         log_to_mlflow: log metrics, params and artifacts to MLflow.
         log_artifacts: at the end, log the mask, ``report.json`` and the plots as artifacts.
         mlflow_experiment: experiment name for a run we start ourselves.
@@ -89,6 +95,7 @@ class SparsityConfig:
     freeze_mask: str | None = None
     freeze_after_steps: int | None = None
     mask_density_cap: float | None = None
+    compact_optimizer_state: bool = True
     log_to_mlflow: bool = True
     log_artifacts: bool = True
     mlflow_experiment: str | None = None
@@ -137,7 +144,7 @@ class SparsityConfig:
                     raise ValueError(
                         f"`{name}` pattern {pattern!r} is not a valid regular expression: {err}."
                     ) from None
-        for name in ("per_tensor_metrics", "track_churn", "log_to_mlflow", "log_artifacts"):
+        for name in ("per_tensor_metrics", "track_churn", "compact_optimizer_state", "log_to_mlflow", "log_artifacts"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
         if self.compile is not None and not isinstance(self.compile, bool):

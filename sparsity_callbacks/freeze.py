@@ -7,6 +7,7 @@ Users set ``SparsityConfig(freeze_mask=...)``; the adapters resolve the mask wit
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -19,9 +20,33 @@ from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.masks import Mask
 from sparsity_callbacks.params import _collect_parameters, _Layout, _local_tensor, _TrackedTensor
 
-# Optimizer state entries of the parameter's shape that are not per-element moments and are left alone:
-# ``step`` (a counter, 0-d like a 0-d parameter) and ASGD's ``ax`` (the running average of the weights).
+_log = logging.getLogger("sparsity_callbacks")
+
+# Optimizer state entries of the parameter's shape that the dense mechanism leaves alone: ``step`` (a
+# counter, 0-d like a 0-d parameter) and ASGD's ``ax`` (the running average of the weights).
 _STATE_KEPT = frozenset({"step", "ax"})
+
+# Optimizers whose update of an element reads only that element's gradient and state plus per-tensor
+# scalars (step count, lr): stepping a 1-D tensor of the trainable elements gives each of them the same
+# bits as stepping the full tensor. Exact classes: a subclass may override `step`.
+_ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.Adadelta,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+_COUPLED_OPTIMIZERS = {
+    "Adafactor": "its factored second moments couple every row and column",
+    "Muon": "it orthogonalizes each whole matrix update",
+    "LBFGS": "it takes one search direction over all elements",
+}
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,22 +60,63 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if not tensor.is_floating_point() else _as_bits(tensor)
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a 1-D view in row-major order (the order of mask elements and of ``index``)."""
+    return tensor.view(-1)
+
+
+def _why_not_elementwise(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer`` cannot step a compact tensor of the trainable elements; None when it can."""
+    name = type(optimizer).__name__
+    if type(optimizer) not in _ELEMENTWISE_OPTIMIZERS:
+        why = _COUPLED_OPTIMIZERS.get(
+            name,
+            "it is not one of the torch.optim optimizers known to update each element "
+            "from its own gradient and state alone",
+        )
+        return f"{name}: {why}"
+    if any(group.get("differentiable") for group in optimizer.param_groups):
+        return f"{name}(differentiable=True): its step is part of an autograd graph over the full parameters"
+    if any(
+        group.get("fused") and any(p.device.type == "cpu" for p in group["params"]) for group in optimizer.param_groups
+    ):
+        return (
+            f"{name}(fused=True) on the CPU: its kernel steps the last elements of each tensor on a scalar path that "
+            "rounds differently from its vector path, so moving elements would change their bits (use foreach=True)"
+        )
+    return None
+
+
 @dataclass
 class _FrozenTensor:
-    """One parameter with frozen elements (on this rank). ``keep``: bool mask of the trainable elements
-    on the parameter's device, in the shape of the local tensor (this rank's slice of a sharded one),
-    None when all local elements are frozen. ``frozen``: integer bits (see `_bits`) of the local values at
-    freeze time, in ``dtype``; dense with 0 at the trainable elements, or with ``compact`` only the frozen elements
-    (1-D, row-major). ``layout``: where the local elements sit in the full tensor."""
+    """One parameter with frozen elements (on this rank), frozen by one of two mechanisms.
+
+    Dense (``frozen`` set): ``keep`` is the bool mask of the trainable elements on the parameter's device, in
+    the shape of the local tensor (this rank's slice of a sharded one), None when all local elements are
+    frozen; ``frozen`` the integer bits (see `_bits`) of the local values at freeze time, in ``dtype``; dense
+    with 0 at the trainable elements, or with ``compact`` only the frozen elements (1-D, row-major). The
+    optimizer steps every element and the frozen ones are written back after each step.
+
+    Compact optimizer state (``frozen`` None): ``index`` holds the positions of the trainable elements in the
+    local tensor's flat (row-major) view, sorted, int32 below 2^31 elements; None with ``fully_frozen``. The
+    optimizer steps a 1-D tensor of those elements only (`gather` / `scatter`); nothing else is stored.
+
+    ``layout``: where the local elements sit in the full tensor."""
 
     name: str
     param: torch.nn.Parameter
     keep: torch.Tensor | None
-    frozen: torch.Tensor
+    frozen: torch.Tensor | None
     compact: bool
     dtype: torch.dtype
     shape: tuple[int, ...]
     layout: _Layout | None = None  # None: the full tensor (single process, DDP replica)
+    index: torch.Tensor | None = None
+    fully_frozen: bool = False
+
+    @property
+    def dense(self) -> bool:
+        return self.frozen is not None
 
     @property
     def kind(self) -> str:
@@ -72,9 +138,11 @@ class _FrozenTensor:
                 "began; the freezer cannot restore its frozen elements. HINT: detach the freezer "
                 "(`freezer.detach()`) before resizing, and freeze again with a mask of the new shape."
             )
-        if self.frozen.device != data.device:
+        if self.frozen is not None and self.frozen.device != data.device:
             self.frozen = self.frozen.to(data.device)
             self.keep = None if self.keep is None else self.keep.to(data.device)
+        if self.index is not None and self.index.device != data.device:
+            self.index = self.index.to(data.device)
         if data.dtype != self.dtype:
             self._convert(data.dtype)
         return data
@@ -87,7 +155,8 @@ class _FrozenTensor:
                 f"Parameter {self.name!r} changed dtype from {self.dtype} to {dtype} after freezing began; only "
                 "floating-point dtypes can be frozen. HINT: detach the freezer (`freezer.detach()`) first."
             )
-        self.frozen = _bits(self.frozen.view(self.dtype).to(dtype))
+        if self.frozen is not None:  # compact optimizer state stores no values
+            self.frozen = _bits(self.frozen.view(self.dtype).to(dtype))
         self.dtype = dtype
 
     def zero_frozen(self, tensor: torch.Tensor) -> None:
@@ -95,22 +164,98 @@ class _FrozenTensor:
         the parameter's shape: a DTensor (its local shard is used) or a local tensor, for ZeRO-3 this
         rank's flat partition (with its padding)."""
         local = _local_tensor(tensor)
-        if self.keep is None:
+        if self.fully_frozen or (self.keep is None and self.index is None):
             local.zero_()
+            return
+        if self.index is not None:
+            self._zero_frozen_by_index(local)
             return
         if local.numel() != self.keep.numel():  # ZeRO-3: the flat partition is padded at the end
             local = local.reshape(-1).narrow(0, 0, self.keep.numel())
         _bits(local).mul_(self.keep.to(local.device).view(local.shape))
 
+    def _zero_frozen_by_index(self, local: torch.Tensor) -> None:
+        index = self.index.to(local.device)
+        if not local.is_contiguous():  # a gradient laid out unlike its parameter: through a temporary mask
+            keep = torch.zeros(local.numel(), dtype=torch.bool, device=local.device)
+            keep[index] = True
+            _bits(local).mul_(keep.view(local.shape))
+            return
+        flat = _flat(local)
+        kept = flat.index_select(0, index)
+        flat.zero_()
+        flat.index_put_((index,), kept)
+
     def zero_state(self, state: dict[str, Any]) -> None:
+        """Dense mechanism: zero the frozen elements of the per-element optimizer state."""
         for key, value in state.items():
             if key not in _STATE_KEPT and torch.is_tensor(value) and value.shape == self.param.shape:
                 self.zero_frozen(value)
 
+    def make_dense(self, compact_storage: bool) -> None:
+        """Switch to the dense mechanism, storing the frozen elements' current values."""
+        if self.dense:
+            return
+        bits = _bits(self.data().detach())
+        if self.fully_frozen:
+            self.frozen = bits.clone()
+            return
+        keep = torch.zeros(bits.numel(), dtype=torch.bool, device=bits.device)
+        keep[self.index] = True
+        self.keep = keep.view(bits.shape)
+        self.frozen = bits[~self.keep].clone() if compact_storage else bits * ~self.keep
+        self.compact, self.index = compact_storage, None
+
+    # --- compact optimizer state -------------------------------------------------------------------
+    def kept_index(self) -> torch.Tensor:
+        """The flat positions of the trainable elements (computed from ``keep`` under the dense mechanism)."""
+        return self.index if self.index is not None else self.keep.reshape(-1).nonzero().reshape(-1)
+
+    def is_dense_state(self, key: str, value: Any) -> bool:
+        return key != "step" and torch.is_tensor(value) and value.shape == _local_tensor(self.param).shape
+
+    def compact_state(self, state: dict[str, Any]) -> None:
+        """Replace every per-element state tensor of the parameter's shape by its trainable elements."""
+        for key, value in state.items():
+            if self.is_dense_state(key, value):
+                state[key] = _flat(value.contiguous()).index_select(0, self.index.to(value.device))
+
+    def expand_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `compact_state`: full-shape state, 0 at the frozen elements (ASGD's average of the
+        weights ``ax``: the weights themselves), as the dense mechanism would hold it."""
+        if self.fully_frozen:
+            return
+        data = self.data()
+        index = None
+        for key, value in state.items():
+            if key == "step" or not torch.is_tensor(value) or value.ndim != 1 or value.shape == data.shape:
+                continue
+            index = self.kept_index() if index is None else index
+            if value.numel() == index.numel():
+                full = data.detach().clone() if key == "ax" else torch.zeros_like(data, dtype=value.dtype)
+                _flat(full).index_put_((index.to(full.device),), value.to(full.device))
+                state[key] = full
+
+    def gather(self) -> torch.Tensor:
+        """A new 1-D tensor of the trainable values, with ``.grad`` the trainable gradient elements."""
+        data = self.data()
+        compact = _flat(data).index_select(0, self.index)
+        grad = self.param.grad
+        if grad is not None:
+            compact.grad = grad.reshape(-1).index_select(0, self.index.to(grad.device))
+        return compact
+
+    def scatter(self, compact: torch.Tensor) -> None:
+        """Write the stepped trainable values back into the parameter."""
+        _flat(self.data()).index_put_((self.index,), compact)
+
     @property
     def nbytes(self) -> int:
-        mask_bytes = 0 if self.keep is None else self.keep.numel()
-        return self.frozen.numel() * self.frozen.element_size() + mask_bytes
+        total = 0
+        for tensor in (self.keep, self.frozen, self.index):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+        return total
 
 
 def _restore_bits(entry: _FrozenTensor, bits: torch.Tensor) -> None:
@@ -124,7 +269,9 @@ def _restore_bits(entry: _FrozenTensor, bits: torch.Tensor) -> None:
 
 
 def _restore(entries: list[_FrozenTensor]) -> None:
-    """Write the freeze-time bits into the frozen elements of ``entries`` (this rank's elements only)."""
+    """Write the freeze-time bits into the frozen elements of the dense-mechanism ``entries`` (this rank's
+    elements only; under compact optimizer state nothing moves a frozen element)."""
+    entries = [e for e in entries if e.dense]
     converted = [e for e in entries if _local_tensor(e.param).dtype != e.dtype]
     if converted:
         names = ", ".join(repr(e.name) for e in converted[:3]) + (", ..." if len(converted) > 3 else "")
@@ -186,29 +333,74 @@ def _queue_after_backward(callback: Any) -> None:
     engine.queue_callback(lambda: engine.queue_callback(callback))
 
 
+def _state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of the tensors in the optimizers' state (each storage counted once)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if not torch.is_tensor(value):
+                    continue
+                key = (str(value.device), value.untyped_storage().data_ptr())
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+    return total
+
+
+def _can_stop_gradients(model: torch.nn.Module) -> str | None:
+    """Why fully frozen tensors must keep ``requires_grad`` in ``model``; None when they need not."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return "a multi-process run (DDP expects a gradient for every parameter it was built with)"
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return "gradient checkpointing (reentrant checkpoints lose the gradients behind a frozen input)"
+    return None
+
+
 class MaskFreezer:
     """Keep every element outside ``mask`` (bit 0) bit-identical to its value at construction.
 
-    Mechanism: a post-accumulate-grad hook zeroes the frozen elements of each gradient (so gradient
-    clipping sees the subnetwork's norm and optimizer state of frozen elements stays zero);
-    `attach` zeroes the optimizer state of frozen elements and registers a step post-hook that
-    restores them from a stored copy (weight decay, momentum and ``eps`` terms cannot move them).
-    ``requires_grad`` is left unchanged, so optimizer references and user code stay valid.
-    If the model changes dtype after freezing began (``model.to(torch.bfloat16)``, ``.half()``), the
-    stored values are cast the same way before the next write (one warning), so frozen elements keep the
-    values the cast gave them; never are bits of one width written into storage of another.
+    Two mechanisms, chosen per optimizer in `attach`; both give the trainable elements the same bits after
+    every step (tested bit-exact against each other), and both zero the frozen elements of every gradient
+    in a post-accumulate-grad hook, so gradient clipping sees the subnetwork's norm.
 
-    Extra memory, on the parameter's device, per element of a tracked tensor:
-    fully trainable tensor: 0 bytes (no copy, no hooks); fully frozen tensor: ``itemsize`` (4 for
-    fp32, 2 for bf16); partly frozen: ``itemsize + 1`` (the frozen bits, dense, 0 at trainable
-    elements, plus the trainable mask as ``torch.bool``), or with ``compact=True``
-    ``itemsize * frozen_fraction + 1`` (only the frozen values, 1-D; the restore then uses
-    ``masked_scatter_``, ~10x slower on CPU). See `extra_bytes`.
+    Compact optimizer state (``compact_optimizer_state=True``, default, for the elementwise ``torch.optim``
+    optimizers SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adamax, Adadelta, Rprop, ASGD, for-loop,
+    ``foreach`` and, off the CPU, ``fused``; unsharded parameters): fully frozen tensors leave the step (no
+    state, no work); for a partly frozen tensor the optimizer steps a 1-D tensor of its trainable elements,
+    gathered with their gradients right before the step and scattered back right after it, so its state
+    holds only those elements. The optimizer's ``param_groups`` hold the model's own parameters at every other moment
+    (clipping through the optimizer, ``zero_grad``, LR schedulers, ``state_dict`` all see them); the state
+    stays keyed by the model's parameter, so ``state_dict()`` / ``load_state_dict()`` round-trip (a state
+    saved by either mechanism loads into either; it is converted at `attach` or the next step). Nothing
+    else moves a frozen element, so no values are stored: per partly frozen tensor 4 bytes per trainable
+    element (the index), 0 for fully frozen ones. With ``stop_gradients=True`` fully frozen tensors also get
+    ``requires_grad=False`` (no backward work, no gradient memory; restored by `detach`) unless that is
+    unsafe (multi-process runs, gradient checkpointing). That drops their zero gradients from
+    ``clip_grad_norm_``'s sum: the same norm, which can differ from dense freezing in the last bit, so the
+    adapters turn it on only when the trainer does not clip by norm.
 
-    Time per step: two branch-free elementwise passes over the partly frozen tensors (gradient
-    masking in backward, the restore after the step), see `_bits` and ``benchmarks/freeze_overhead.py``.
-    On CPU prefer ``AdamW(fused=True)``: the default for-loop AdamW runs ~1.6x slower once the frozen
-    elements' state is zero (its ``sqrt`` is slow on a random mix of zeros), the fused one does not.
+    Dense (``compact_optimizer_state=False``; any other optimizer: Adafactor, Muon, LBFGS, ``fused=True`` on
+    the CPU, unknown classes, with a one-line note saying why; sharded parameters: FSDP2, FSDP1, ZeRO-3): the
+    optimizer keeps full state and steps every element; `attach` zeroes the state of frozen elements and a
+    step post-hook restores them from a stored copy (weight decay, momentum and ``eps`` terms cannot move
+    them). Extra memory per element:
+    fully frozen tensor ``itemsize``; partly frozen ``itemsize + 1`` (the frozen bits, dense, 0 at
+    trainable elements, plus the trainable mask as ``torch.bool``), or with ``compact=True``
+    ``itemsize * frozen_fraction + 1`` (only the frozen values; the restore uses ``masked_scatter_``, ~10x
+    slower on CPU). See `extra_bytes` and `optimizer_state_bytes`. If the model changes dtype after freezing
+    began (``model.to(torch.bfloat16)``, ``.half()``), the stored values are cast the same way before the next
+    write (one warning), so frozen elements keep the values the cast gave them; never are bits of one width
+    written into storage of another.
+
+    Time per step (``benchmarks/freeze_overhead.py``, ``benchmarks/freeze_memory.py``): dense: two
+    branch-free elementwise passes over the partly frozen tensors (gradient masking, restore); on CPU
+    prefer ``AdamW(fused=True)`` there (the default for-loop AdamW runs ~1.6x slower once the frozen
+    elements' state is zero). Compact: gradient masking, a gather of the trainable values and gradients,
+    the optimizer on the trainable elements only, and a scatter back.
 
     Args:
         model: the model whose parameters are frozen to ``mask``.
@@ -216,7 +408,9 @@ class MaskFreezer:
             (a tied parameter under any of its names).
         tracked: the tracked parameters (``tracker.tracked``); default: every trainable floating
             point parameter of ``model`` that ``mask`` names.
-        compact: store only the frozen values (less memory, slower restore).
+        compact: dense mechanism: store only the frozen values (less memory, slower restore).
+        compact_optimizer_state: let elementwise optimizers step only the trainable elements (see above).
+        stop_gradients: with compact optimizer state, also stop the gradients of fully frozen tensors.
     """
 
     def __init__(
@@ -226,6 +420,8 @@ class MaskFreezer:
         *,
         tracked: list[_TrackedTensor] | None = None,
         compact: bool = False,
+        compact_optimizer_state: bool = True,
+        stop_gradients: bool = False,
     ) -> None:
         explicit = tracked is not None
         if tracked is None:
@@ -245,6 +441,10 @@ class MaskFreezer:
                     f"The mask was made for another model: {len(missing)} tracked tensor(s) are not in the mask "
                     f"(e.g. {missing[:3]}). HINT: use a mask recorded with the same `include`/`exclude` options."
                 )
+        self._model = model
+        self._compact_storage = compact
+        self._compact_optimizer_state = compact_optimizer_state
+        self._stop_gradients = stop_gradients
         self._entries: dict[int, _FrozenTensor] = {}
         self._numel = 0
         self._frozen_numel = 0
@@ -273,8 +473,16 @@ class MaskFreezer:
             with torch.no_grad():
                 bits = _bits(data.detach())
                 held = (data.dtype, tuple(data.shape))
-                if kept == 0:
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, bits.clone(), False, *held, layout)
+                if compact_optimizer_state and layout.kind == "full" and kept == 0:
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, fully_frozen=True)
+                elif compact_optimizer_state and layout.kind == "full" and data.is_contiguous():
+                    index_dtype = torch.int32 if keep.numel() < 2**31 else torch.int64
+                    index = keep.reshape(-1).nonzero().reshape(-1).to(device=data.device, dtype=index_dtype)
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, index=index)
+                elif kept == 0:
+                    frozen_entry = _FrozenTensor(
+                        entry.name, entry.param, None, bits.clone(), False, *held, layout, fully_frozen=True
+                    )
                 else:
                     keep = keep.to(data.device)
                     values = bits[~keep].clone() if compact else bits * ~keep
@@ -299,6 +507,10 @@ class MaskFreezer:
         self._armed = False
         self._step_handles: dict[int, Any] = {}
         self._optimizers: dict[int, Any] = {}
+        self._compact_optimizers: set[int] = set()
+        # id(optimizer) -> ([(param group, its own params list)], [(entry, compact tensor)]) during a step
+        self._swapped: dict[int, tuple[list[tuple[dict, list]], list[tuple[_FrozenTensor, torch.Tensor]]]] = {}
+        self._stopped: list[torch.nn.Parameter] = []
 
     # --- hooks -----------------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
@@ -328,9 +540,76 @@ class MaskFreezer:
                     entry.zero_frozen(entry.param.grad)
 
     def _step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        entries = [self._entries[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in self._entries]
+        """After a step: scatter the compact tensors back, then restore the dense-mechanism entries."""
         with torch.no_grad():
+            self._swap_out(optimizer)
+            entries = [
+                self._entries[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in self._entries
+            ]
             _restore(entries)
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        """Before a step: swap the compact tensors in. A step with a closure (Lightning) computes the
+        gradients inside ``step``: the swap then runs when the closure returns."""
+        # ``args`` is ``(optimizer, *step_args)``: a positional closure is ``args[1]``.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._swap_in(optimizer)
+            return None
+
+        def closure_then_swap_in() -> Any:
+            loss = closure()
+            self._swap_in(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_swap_in}
+        return (args[0], closure_then_swap_in, *args[2:]), kwargs
+
+    def _swap_in(self, optimizer: torch.optim.Optimizer) -> None:
+        """Replace, in each param group, every partly frozen parameter by a 1-D tensor of its trainable
+        elements (carrying the parameter's state) and drop the fully frozen ones."""
+        with torch.no_grad():
+            self._swap_out(optimizer)  # a step that raised left its swap in place
+            groups, compacts = [], []
+            state = optimizer.state
+            for group in optimizer.param_groups:
+                params, stepped, swapped = group["params"], [], False
+                for param in params:
+                    entry = self._entries.get(id(param))
+                    if entry is None or entry.dense:
+                        stepped.append(param)
+                        continue
+                    swapped = True
+                    if entry.fully_frozen:
+                        state.pop(param, None)  # e.g. a dense state loaded after attach
+                        continue
+                    compact = entry.gather()
+                    param_state = state.pop(param, None)
+                    if param_state:
+                        entry.compact_state(param_state)
+                        state[compact] = param_state
+                    stepped.append(compact)
+                    compacts.append((entry, compact))
+                if swapped:
+                    groups.append((group, params))
+                    group["params"] = stepped
+            if groups:
+                self._swapped[id(optimizer)] = (groups, compacts)
+
+    def _swap_out(self, optimizer: torch.optim.Optimizer) -> None:
+        swapped = self._swapped.pop(id(optimizer), None)
+        if swapped is None:
+            return
+        groups, compacts = swapped
+        state = optimizer.state
+        for entry, compact in compacts:
+            entry.scatter(compact)
+            param_state = state.pop(compact, None)
+            if param_state:
+                state[entry.param] = param_state
+        for group, params in groups:
+            group["params"] = params
 
     def _zero3_entries(self) -> list[_FrozenTensor]:
         return [e for e in self._entries.values() if e.kind == "zero3"]
@@ -395,7 +674,9 @@ class MaskFreezer:
 
     # --- public ----------------------------------------------------------------------------------
     def attach(self, optimizer: Any) -> torch.optim.Optimizer:
-        """Zero the optimizer state of frozen elements and restore them after each of its steps.
+        """Hook into ``optimizer``'s steps (compact or dense mechanism, see the class) and convert its
+        state: compact state keeps only the trainable elements' state, the dense mechanism zeroes the frozen
+        elements' state.
 
         Accepts a ``torch.optim.Optimizer`` or a wrapper holding one (accelerate's
         ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); returns the torch optimizer.
@@ -409,32 +690,118 @@ class MaskFreezer:
         inner = _unwrap_optimizer(optimizer)
         if id(inner) in self._step_handles:
             return inner
+        compact = self._compact_optimizer_state
+        if compact:
+            reason = _why_not_elementwise(inner)
+            if reason is not None:
+                compact = False
+                note = f"MaskFreezer: dense freezing (full optimizer state) for {reason}."
+                if type(inner) in _ELEMENTWISE_OPTIMIZERS or type(inner).__name__ in _COUPLED_OPTIMIZERS:
+                    _log.info(note)
+                else:
+                    warnings.warn(note + " Pass compact_optimizer_state=False to silence this.", stacklevel=2)
+        stop = []
         with torch.no_grad():
             for group in inner.param_groups:
                 for param in group["params"]:
                     entry = self._entries.get(id(param))
-                    if entry is not None and param in inner.state:
-                        entry.zero_state(inner.state[param])
-        self._step_handles[id(inner)] = inner.register_step_post_hook(self._step_hook)
+                    if entry is None:
+                        continue
+                    param_state = inner.state.get(param)
+                    if compact and not entry.dense:
+                        if entry.fully_frozen:
+                            inner.state.pop(param, None)
+                            stop.append(param)
+                        elif param_state:
+                            entry.compact_state(param_state)
+                        continue
+                    if param_state:
+                        if entry.kind == "full":
+                            entry.expand_state(param_state)  # a compact state from a checkpoint
+                        entry.zero_state(param_state)
+                    entry.make_dense(self._compact_storage)
+        if compact and self._stop_gradients and stop:
+            self._stop(stop)
+        handles = [inner.register_step_post_hook(self._step_hook)]
+        if compact:
+            handles.append(inner.register_step_pre_hook(self._pre_step_hook))
+            self._compact_optimizers.add(id(inner))
+        self._step_handles[id(inner)] = handles
         self._optimizers[id(inner)] = inner
         return inner
 
+    def _stop(self, params: list[torch.nn.Parameter]) -> None:
+        """``requires_grad=False`` on fully frozen ``params`` where safe (see `_can_stop_gradients`)."""
+        reason = _can_stop_gradients(self._model)
+        if reason is None:
+            stopping = {id(p) for p in params if p.requires_grad and p.is_leaf}
+            if not any(p.requires_grad and id(p) not in stopping for p in self._model.parameters()):
+                reason = "every trainable parameter would stop (backward would have nothing to do)"
+        if reason is not None:
+            _log.info("MaskFreezer: fully frozen tensors keep receiving (zeroed) gradients: %s.", reason)
+            return
+        for param in params:
+            if param.requires_grad and param.is_leaf:
+                param.requires_grad_(False)
+                param.grad = None
+                self._stopped.append(param)
+
     def restore(self) -> None:
-        """Write the freeze-time values back into every frozen element now."""
+        """Write the freeze-time values back into every frozen element of the dense-mechanism tensors now
+        (with compact optimizer state nothing moves a frozen element and no values are stored; their shape is
+        checked)."""
+        for entry in self._entries.values():
+            if not entry.dense:
+                entry.data()  # raises if the parameter changed shape
         with torch.no_grad():
             _restore(list(self._entries.values()))
 
     def detach(self) -> None:
-        """Remove every gradient and optimizer hook and free the stored values."""
-        for handle in [*self._grad_handles, *self._step_handles.values()]:
+        """Remove every gradient and optimizer hook, give the optimizers full-shape state again (0 at the
+        frozen elements, as dense freezing leaves it), give stopped tensors back their ``requires_grad``
+        and free the stored values."""
+        with torch.no_grad():
+            for key in list(self._compact_optimizers):
+                optimizer = self._optimizers[key]
+                self._swap_out(optimizer)
+                self._expand_states(optimizer)
+        for param in self._stopped:
+            param.requires_grad_(True)
+        for handle in [*self._grad_handles, *(h for hs in self._step_handles.values() for h in _handles(hs))]:
             handle.remove()
         self._grad_handles, self._step_handles, self._optimizers = [], {}, {}
+        self._compact_optimizers, self._stopped = set(), []
         self._entries = {}
+
+    def _expand_states(self, optimizer: torch.optim.Optimizer) -> None:
+        """Full-shape state for every compact entry; fully frozen tensors get a zero state modelled on a
+        sibling's (optimizers such as Adagrad create state for every parameter up front)."""
+        for group in optimizer.param_groups:
+            template = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), None)
+            for param in group["params"]:
+                entry = self._entries.get(id(param))
+                if entry is None or entry.dense:
+                    continue
+                param_state = optimizer.state.get(param)
+                if param_state:
+                    entry.expand_state(param_state)
+                elif not param_state and entry.fully_frozen and template is not None:
+                    optimizer.state[param] = {
+                        key: torch.zeros_like(_local_tensor(param), dtype=value.dtype)
+                        if torch.is_tensor(value) and key != "step" and value.ndim > 0
+                        else (value.clone() if torch.is_tensor(value) else value)
+                        for key, value in template.items()
+                    }
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes held for freezing (stored values and masks, on the parameters' devices)."""
+        """Bytes held for freezing (stored values, masks and indices, on the parameters' devices)."""
         return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the attached optimizers' state tensors (each storage once)."""
+        return _state_bytes(list(self._optimizers.values()))
 
     @property
     def frozen_fraction(self) -> float:
@@ -446,11 +813,21 @@ class MaskFreezer:
         """The attached (unwrapped) torch optimizers."""
         return list(self._optimizers.values())
 
+    @property
+    def compact_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The attached optimizers that step compact tensors (the others use the dense mechanism)."""
+        return [self._optimizers[k] for k in self._compact_optimizers]
+
     def __repr__(self) -> str:
         return (
             f"MaskFreezer({len(self._entries)} tensors with frozen elements, frozen_fraction="
-            f"{self.frozen_fraction:.4f}, extra_bytes={self.extra_bytes:,})"
+            f"{self.frozen_fraction:.4f}, extra_bytes={self.extra_bytes:,}, "
+            f"compact optimizers={len(self._compact_optimizers)}/{len(self._optimizers)})"
         )
+
+
+def _handles(handles: Any) -> list[Any]:
+    return handles if isinstance(handles, list) else [handles]
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -49,6 +49,8 @@ class _SparsitySession:
         default_every_n_steps: the framework's logging interval, used when ``config.every_n_steps`` is None.
         run_id / tracking_uri: log into this MLflow run (e.g. Lightning's MLFlowLogger); otherwise the
             sink reuses ``mlflow.active_run()`` or starts one.
+        clips_grad_norm: whether the framework may clip gradients by norm. When it does not, fully frozen
+            tensors stop receiving gradients under compact optimizer state (see `MaskFreezer`).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class _SparsitySession:
         run_id: str | None = None,
         tracking_uri: str | None = None,
         extra_params: dict[str, str] | None = None,
+        clips_grad_norm: bool = True,
     ) -> None:
         self.config = config
         self.is_rank_zero = is_rank_zero
@@ -74,6 +77,8 @@ class _SparsitySession:
         self._run_id = run_id or config.mlflow_run_id
         self._tracking_uri = tracking_uri or config.mlflow_tracking_uri
         self._extra_params = dict(extra_params or {})
+        self._clips_grad_norm = clips_grad_norm
+        self._state_bytes_pending = False
         self.sink = None
 
     # --- events ----------------------------------------------------------------------------------
@@ -111,6 +116,8 @@ class _SparsitySession:
         discover = (
             self.config.freeze_mask == "discover" and self.freezer is None and step >= self.config.freeze_after_steps
         )
+        if self._state_bytes_pending:  # the optimizer state created by the first step after freezing
+            self._log_state_bytes(step)
         previous, self._last_step = self._last_step, step
         n = self.every_n_steps
         due = step // n > previous // n if previous is not None and previous < step else step % n == 0
@@ -118,8 +125,7 @@ class _SparsitySession:
         if due or discover:
             measurement = self._measure(step)
         if discover:
-            self._freeze(self._resolve_mask(), source=f"discover@{step}")
-            self._log_metrics({f"{PREFIX}frozen_fraction": self.freezer.frozen_fraction}, step)
+            self._freeze(self._resolve_mask(), source=f"discover@{step}", step=step)
         return measurement
 
     def save(self, directory: str) -> None:
@@ -202,35 +208,52 @@ class _SparsitySession:
         if saved and os.path.exists(saved):
             # Resumed after freezing began: the weights outside the mask are still at their freeze-time values.
             mask = Mask.load(saved)
-            self._freeze(mask, source=mask.metadata.get("freeze_source", str(source)))
+            self._freeze(mask, source=mask.metadata.get("freeze_source", str(source)), step=self._last_step or 0)
         elif source is not None and source != "discover":
-            self._freeze(self._resolve_mask(), source=source)
-        else:
-            return
-        self._log_metrics({f"{PREFIX}frozen_fraction": self.freezer.frozen_fraction}, self._last_step or 0)
+            self._freeze(self._resolve_mask(), source=source, step=self._last_step or 0)
 
     def _resolve_mask(self) -> Mask:
         from sparsity_callbacks.freeze import _resolve_freeze_mask
 
         return _resolve_freeze_mask(self.config, self.tracker)
 
-    def _freeze(self, mask: Mask, source: str) -> None:
+    def _freeze(self, mask: Mask, source: str, step: int) -> None:
         from sparsity_callbacks.freeze import MaskFreezer
 
-        self.freezer = MaskFreezer(self._model, mask, tracked=self.tracker.tracked)
+        compact = self.config.compact_optimizer_state
+        self.freezer = MaskFreezer(
+            self._model,
+            mask,
+            tracked=self.tracker.tracked,
+            compact_optimizer_state=compact,
+            stop_gradients=compact and not self._clips_grad_norm,
+        )
         for optimizer in self._optimizers:
             self.freezer.attach(optimizer)
         mask.metadata["freeze_source"] = source  # kept in the checkpoint copy, so a resumed run logs the same
         self._freeze_mask = mask
         self.freeze_source = source
         _log.info(
-            "sparsity_callbacks: training frozen to %s (%.2f%% of tracked elements frozen, %d extra bytes)",
+            "sparsity_callbacks: training frozen to %s (%.2f%% of tracked elements frozen, %d extra bytes, "
+            "%d of %d optimizers with compact state)",
             source,
             100 * self.freezer.frozen_fraction,
             self.freezer.extra_bytes,
+            len(self.freezer.compact_optimizers),
+            len(self.freezer.optimizers),
         )
         if self.sink is not None:
             self.sink.log_params({"sparsity.freeze_source": source})
+        self._log_metrics({f"{PREFIX}frozen_fraction": self.freezer.frozen_fraction}, step)
+        self._state_bytes_pending = True
+        if any(optimizer.state for optimizer in self.freezer.optimizers):
+            self._log_state_bytes(step)  # else the optimizer creates its state in the next step
+
+    def _log_state_bytes(self, step: int) -> None:
+        """Log ``sparsity/optimizer_state_bytes`` (the attached optimizers' state) once after freezing."""
+        self._state_bytes_pending = False
+        if self.freezer is not None:
+            self._log_metrics({f"{PREFIX}optimizer_state_bytes": float(self.freezer.optimizer_state_bytes)}, step)
 
     def _log_artifacts(self, measurement: Measurement, mask: Mask) -> None:
         from sparsity_callbacks.plots import save_curves, save_heatmap

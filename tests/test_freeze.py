@@ -166,16 +166,20 @@ def test_frozen_elements_bit_identical(name, variant):
     _assert_frozen(before, model, mask, moving=lambda n: name != "muon" or mask.shapes[n].__len__() == 2)
 
 
-def test_bf16_parameters():
+@pytest.mark.parametrize("compact_state", [False, True])
+def test_bf16_parameters(compact_state):
     model = tiny_llama().to(torch.bfloat16)
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     mask = _random_mask(model)
     before = _state(model)
-    freezer = MaskFreezer(model, mask)
+    freezer = MaskFreezer(model, mask, compact_optimizer_state=compact_state)
     freezer.attach(opt)
     _train(model, opt, 3)
     _assert_frozen(before, model, mask)
-    assert freezer.extra_bytes == sum(p.numel() * 3 for p in model.parameters())  # bf16 copy + bool mask
+    if compact_state:  # an int32 index per trainable element
+        assert freezer.extra_bytes == 4 * mask.count()
+    else:  # bf16 copy + bool mask
+        assert freezer.extra_bytes == sum(p.numel() * 3 for p in model.parameters())
 
 
 # --- mechanisms ------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def test_clip_norm_is_the_subnetworks():
     def run(model, zero_by_hand: bool, freeze: bool):
         opt = optim.SGD(model.parameters(), lr=0.5)
         if freeze:
-            MaskFreezer(model, mask).attach(opt)
+            MaskFreezer(model, mask, compact_optimizer_state=False).attach(opt)
         model(input_ids=ids, labels=ids).loss.backward()
         if zero_by_hand:
             for t in _tracked(model):
@@ -211,7 +215,7 @@ def test_optimizer_state_zeroed_at_attach():
     mask = _random_mask(model)
     names = {id(t.param): t.name for t in _tracked(model)}
     before = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    MaskFreezer(model, mask).attach(opt)
+    MaskFreezer(model, mask, compact_optimizer_state=False).attach(opt)
     for param, state in opt.state.items():
         name = names[id(param)]
         keep = mask[name]
@@ -292,7 +296,7 @@ def test_fully_frozen_and_fully_trainable_tensors_and_extra_bytes():
     mask = Mask(masks)
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = _state(model)
-    freezer = MaskFreezer(model, mask)
+    freezer = MaskFreezer(model, mask, compact_optimizer_state=False)
     freezer.attach(opt)
     _train(model, opt, 3)
     _assert_frozen(before, model, mask)
@@ -308,7 +312,7 @@ def test_compact_storage():
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     mask = _random_mask(model)
     before = _state(model)
-    freezer = MaskFreezer(model, mask, compact=True)
+    freezer = MaskFreezer(model, mask, compact=True, compact_optimizer_state=False)
     freezer.attach(opt)
     _train(model, opt, 3)
     _assert_frozen(before, model, mask)
@@ -323,7 +327,7 @@ def test_tied_parameters_appear_once():
     mask = _random_mask(model)
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = _state(model)
-    freezer = MaskFreezer(model, mask, tracked=tracked)
+    freezer = MaskFreezer(model, mask, tracked=tracked, compact_optimizer_state=False)
     freezer.attach(opt)
     _train(model, opt, 3)
     _assert_frozen(before, model, mask)
@@ -530,7 +534,7 @@ def test_density_cap_needs_exact_mode():
 def test_dtype_change_after_freezing_refreezes_in_the_new_dtype_and_never_corrupts(convert):
     model = tiny_llama()
     mask = _random_mask(model, density=0.3)
-    freezer = MaskFreezer(model, mask)
+    freezer = MaskFreezer(model, mask, compact_optimizer_state=False)  # compact: tests/test_freeze_compact.py
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=0.1)
     freezer.attach(opt)
     at_freeze = {t.name: t.param.detach().clone() for t in _tracked(model)}

@@ -126,6 +126,7 @@ class SparsityCallback(pl.Callback):
                 "sparsity.framework": f"{pl.__name__} {pl.__version__}",
                 "sparsity.step": "trainer.global_step (optimizer steps)",
             },
+            clips_grad_norm=_may_clip_grad_norm(trainer, pl_module),
         )
         self._session.start(pl_module, list(trainer.optimizers), step, resume_dir=resume_dir)
         self._last_step = step
@@ -265,6 +266,16 @@ class SparsityCallback(pl.Callback):
     def _close(self) -> None:
         if self._session is not None:
             self._session.close()  # idempotent; the session stays readable (`last_measurement`, `tracker`)
+
+
+def _may_clip_grad_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether gradients may be clipped by norm: ``gradient_clip_val`` with the norm algorithm, a custom
+    ``configure_gradient_clipping``, or manual optimization (the module's own code may clip)."""
+    if not pl_module.automatic_optimization:
+        return True
+    if type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
+        return True
+    return bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm")
 
 
 def _is_mlflow_logger(logger: Any) -> bool:

@@ -117,6 +117,7 @@ class SparsityCallback(TrainerCallback):
             is_rank_zero=bool(state.is_world_process_zero),
             default_every_n_steps=_logging_interval(args, state),
             extra_params=_describe_tracked(model),
+            clips_grad_norm=bool(args.max_grad_norm) and args.max_grad_norm > 0,
         )
         self.session.start(model, [optimizer], step, _resume_dir(args, state) if step > 0 else None)
 
