@@ -44,6 +44,7 @@ def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
         "mode_reason": tracker.mode_reason,
         "chunk": tracker._chunk,
         "has_previous": tracker._has_previous,
+        "previous_step": tracker._previous_step,
         "reference_nonfinite": tracker._reference_nonfinite,
         "fingerprint_bits": tracker.config.fingerprint_bits,
         "history": tracker.history,
@@ -165,6 +166,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
     tracker.mode_reason = meta["mode_reason"] + " (restored)"
     tracker._reference_nonfinite = int(meta.get("reference_nonfinite", 0))
     tracker._has_previous = bool(meta["has_previous"]) and all(s.previous is not None for s in states.values())
+    tracker._previous_step = meta.get("previous_step") if tracker._has_previous else None
     tracker.history = list(meta["history"])
     tracker.last_measurement = None
     if tracker.config.track_churn and not all(s.previous is not None for s in states.values()):

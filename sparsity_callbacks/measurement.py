@@ -66,6 +66,13 @@ class Measurement:
         churn_miss_probability: the same for churn (churn always compares fingerprints).
         has_churn: False at the first measurement after a snapshot or with ``track_churn=False``.
         nonfinite: elements that are NaN or +-inf now.
+        step_changed: elements detected as changed since the previous optimizer step, when the
+            previous measurement was at the previous step (``every_n_steps=1``), else None. The detected
+            count, not miss-corrected: exact for every change of fewer than ``2**fingerprint_bits - 1``
+            ulps (RL's one-ulp steps); a larger change is missed with probability ``churn_miss_probability``.
+        step_delta_bytes: bytes of a lossless sparse patch from the previous step to this one (per tensor:
+            int32 indices, int64 for tensors of 2**31 elements or more, plus the values in the compare
+            dtype) for the ``step_changed`` elements; None when ``step_changed`` is.
     """
 
     step: int | None
@@ -76,6 +83,8 @@ class Measurement:
     has_churn: bool = True
     nonfinite: int = 0
     skipped: Mapping[str, str] = field(default_factory=dict)
+    step_changed: int | None = None
+    step_delta_bytes: int | None = None
 
     # --- totals ----------------------------------------------------------------------------------
     @property
@@ -129,6 +138,12 @@ class Measurement:
     @property
     def churn_fraction(self) -> float:
         return min(1.0, self._fraction(self.churn))
+
+    @property
+    def step_changed_fraction(self) -> float | None:
+        """Fraction in [0, 1] of tracked elements changed since the previous optimizer step (detected; see
+        ``step_changed``), or None when the previous measurement was not at the previous step."""
+        return None if self.step_changed is None else self._fraction(self.step_changed)
 
     # --- groups ----------------------------------------------------------------------------------
     def by_module_type(self) -> dict[str, TensorCounts]:

@@ -24,6 +24,9 @@ def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
     }
     if m.has_churn:
         metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
+    if m.step_changed is not None:
+        metrics[f"{PREFIX}step_changed_fraction"] = m.step_changed_fraction
+        metrics[f"{PREFIX}step_delta_bytes"] = float(m.step_delta_bytes)
     if p:
         metrics[f"{PREFIX}changed_fraction_upper"] = min(1.0, m._fraction(m.changed_upper))
     if m.nonfinite:
@@ -59,6 +62,8 @@ def _summary(m: Measurement) -> dict[str, Any]:
         "ever_changed_fraction": m.ever_changed_fraction,
         "update_sparsity": m.update_sparsity,
         "churn_fraction": m.churn_fraction if m.has_churn else None,
+        "step_changed_fraction": m.step_changed_fraction,
+        "step_delta_bytes": m.step_delta_bytes,
         "changed_miss_probability": m.changed_miss_probability,
         "nonfinite": m.nonfinite,
         "skipped": dict(m.skipped),

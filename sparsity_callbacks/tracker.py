@@ -103,6 +103,7 @@ class SparsityTracker:
         self.last_measurement: Measurement | None = None
         self._states: dict[str, _TensorState] = {}
         self._has_previous = False
+        self._previous_step: int | None = None  # step of the previous measurement (delta-sync figures)
         self._reference_nonfinite = 0
         self._warned: set[str] = set()
         self._rank_layouts: list[list[tuple[int, int]]] | None = None  # per rank: (start, count) per sharded tensor
@@ -160,6 +161,7 @@ class SparsityTracker:
             )
         self._reference_nonfinite = sum(nonfinite.values())
         self._has_previous = False
+        self._previous_step = None
         self.history = []
         self.last_measurement = None
 
@@ -193,7 +195,16 @@ class SparsityTracker:
                 state = self._states[tracked.name]
                 row[1] = _count_nonfinite(self._local_flat(params[tracked.name], tracked.name, state))
         totals = self._sum_across_ranks(totals)
+        # Churn since the previous measurement is the step's delta when that measurement was one step ago.
+        consecutive = has_churn and step is not None and self._previous_step == step - 1
         self._has_previous = True
+        self._previous_step = step
+        step_changed = step_delta_bytes = None
+        if consecutive:
+            step_changed = int(totals[:, 2].sum())
+            step_delta_bytes = sum(
+                int(row[2]) * self._patch_bytes_per_element(t) for t, row in zip(self.tracked, totals.tolist())
+            )
         tensors = {
             t.name: TensorCounts(
                 numel=t.layout.numel,
@@ -213,6 +224,8 @@ class SparsityTracker:
             has_churn=has_churn,
             nonfinite=nonfinite,
             skipped=self.skipped,
+            step_changed=step_changed,
+            step_delta_bytes=step_delta_bytes,
         )
         if nonfinite > self._reference_nonfinite and "nonfinite" not in self._warned:
             self._warned.add("nonfinite")
@@ -297,6 +310,12 @@ class SparsityTracker:
             numel = sum(t.local().numel() for t in self.tracked)
             needs_fingerprint = self.mode == "fingerprint" or self.config.track_churn
             self._kernel.use_compile = numel >= _COMPILE_AUTO_NUMEL and needs_fingerprint
+
+    def _patch_bytes_per_element(self, tracked: _TrackedTensor) -> int:
+        """Bytes per changed element of a sparse patch of ``tracked``: its index within the full tensor
+        (int32, int64 from 2**31 elements) and its value in the compare dtype."""
+        index = 4 if tracked.layout.numel < 2**31 else 8
+        return index + self._states[tracked.name].dtype.itemsize
 
     def _require_snapshot(self) -> None:
         if not self._states:

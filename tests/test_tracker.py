@@ -439,3 +439,57 @@ def test_counts_metric_sums_states():
     second.update(torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]]))
     first.merge_state(second)
     assert first.compute().tolist() == [[2, 1, 2, 4], [4, 0, 0, 4]]
+
+
+# --- delta-sync figures (changed since the previous optimizer step, sparse patch size) -------------
+@pytest.mark.parametrize("mode", MODES)
+def test_step_delta_counts_one_ulp_steps_exactly_without_miss_correction(mode):
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.ParameterDict(
+        {"w": torch.nn.Parameter(torch.randn(40_000, generator=gen)), "b": torch.nn.Parameter(torch.randn(1000))}
+    )
+    tracker = SparsityTracker(model, mode=mode)
+    tracker.snapshot()
+    first = tracker.measure(step=1)
+    assert first.step_changed is None and "sparsity/step_changed_fraction" not in first.to_metrics()
+    moved = torch.randperm(40_000, generator=gen)[:12_345]
+    _ulp_edit(model["w"], moved, torch.ones(moved.numel(), dtype=torch.int64))  # one-ulp steps
+    _ulp_edit(model["b"], torch.arange(7), torch.full((7,), -1))
+    m = tracker.measure(step=2)
+    assert m.step_changed == 12_345 + 7  # the detected count, no 1/255 correction
+    assert m.churn > m.step_changed  # churn_fraction is the miss-corrected estimate
+    assert m.step_changed_fraction == (12_345 + 7) / 41_000
+    assert m.step_delta_bytes == (12_345 + 7) * (4 + 4)  # int32 index + fp32 value
+    metrics = m.to_metrics()
+    assert metrics["sparsity/step_changed_fraction"] == m.step_changed_fraction
+    assert metrics["sparsity/step_delta_bytes"] == float(m.step_delta_bytes)
+    assert m.to_dict()["step_delta_bytes"] == m.step_delta_bytes
+    same = tracker.measure(step=3)  # nothing moved during step 3
+    assert same.step_changed == 0 and same.step_delta_bytes == 0
+
+
+def test_step_delta_only_when_the_previous_measurement_was_the_previous_step(tmp_path):
+    model = tiny_llama()
+    tracker = SparsityTracker(model, mode="fingerprint", compare_dtype="bfloat16")
+    tracker.snapshot()
+    tracker.measure(step=10)
+    _edit(model, EDITS)
+    skipped = tracker.measure(step=12)  # churn covers steps 11 and 12: not one step's delta
+    assert skipped.has_churn and skipped.step_changed is None
+    assert "sparsity/step_delta_bytes" not in skipped.to_metrics()
+    tracker.save(tmp_path / "state.safetensors")
+    resumed = SparsityTracker(model, mode="fingerprint", compare_dtype="bfloat16")
+    resumed.load(tmp_path / "state.safetensors")
+    _edit(model, {"model.layers.0.self_attn.q_proj.weight": [0, 5, 17, 30]})
+    m = resumed.measure(step=13)  # the previous step survives a restart
+    assert m.step_changed == 4 and m.step_delta_bytes == 4 * (4 + 2)  # int32 index + bf16 value
+    assert resumed.measure(step=None).step_changed is None
+
+
+def test_step_delta_needs_churn():
+    model = tiny_llama()
+    tracker = SparsityTracker(model, track_churn=False)
+    tracker.snapshot()
+    tracker.measure(step=1)
+    _edit(model, EDITS)
+    assert tracker.measure(step=2).step_changed is None
