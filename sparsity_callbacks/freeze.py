@@ -756,15 +756,22 @@ class MaskFreezer:
         with torch.no_grad():
             _restore(list(self._entries.values()))
 
-    def detach(self) -> None:
-        """Remove every gradient and optimizer hook, give the optimizers full-shape state again (0 at the
-        frozen elements, as dense freezing leaves it), give stopped tensors back their ``requires_grad``
-        and free the stored values."""
+    def detach(self, expand_state: bool = True) -> None:
+        """Remove every gradient and optimizer hook, give stopped tensors back their ``requires_grad`` and
+        free the stored values.
+
+        Args:
+            expand_state: give the compact optimizers full-shape state again (0 at the frozen elements, as
+                dense freezing leaves it), so they can go on stepping the whole model. ``False`` leaves the
+                compact state (e.g. at the end of training, where expanding would allocate the full state);
+                such an optimizer can only step again with a `MaskFreezer` attached.
+        """
         with torch.no_grad():
             for key in list(self._compact_optimizers):
                 optimizer = self._optimizers[key]
                 self._swap_out(optimizer)
-                self._expand_states(optimizer)
+                if expand_state:
+                    self._expand_states(optimizer)
         for param in self._stopped:
             param.requires_grad_(True)
         for handle in [*self._grad_handles, *(h for hs in self._step_handles.values() for h in _handles(hs))]:

@@ -158,7 +158,9 @@ class _SparsitySession:
 
     def close(self) -> None:
         if self.freezer is not None:
-            self.freezer.detach()
+            # A compact optimizer state stays compact: expanding it now would allocate the full state at the end
+            # of a run sized for the compact one. A later train() with this callback attaches a freezer again.
+            self.freezer.detach(expand_state=False)
         if self.sink is not None:
             self.sink.close(timeout=self.config.mlflow_end_timeout_s)
             self.sink = None

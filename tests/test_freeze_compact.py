@@ -286,3 +286,223 @@ def test_dtype_change_after_freezing_needs_nothing_stored():
     for name in now:
         assert torch.equal(now[name][~mask[name]], at_conversion[name][~mask[name]]), name
     assert sum(int((now[n] != at_conversion[n])[mask[n]].sum()) for n in now) > 0.3 * mask.count()
+
+
+# --- through the trainers: HF Trainer and Lightning ---------------------------------------------------
+#: fast subset through the trainers (the full list is `slow`): Adam-family, momentum SGD, centered RMSprop.
+TRAINER_FAST = ["adamw_amsgrad", "sgd_nesterov", "rmsprop_centered"]
+
+
+def _mask_file(tmp_path, density: float = 0.3, prefix: str = "") -> str:
+    """A mixed mask for `tiny_llama()` (its names under ``prefix``, e.g. a LightningModule's ``lm.``) with the
+    model's signatures, saved as a file (freeze_mask=path)."""
+    from sparsity_callbacks import SparsityConfig, SparsityTracker
+
+    model = tiny_llama()
+    owner = torch.nn.ModuleDict({prefix.rstrip("."): model}) if prefix else model
+    tracker = SparsityTracker(owner, SparsityConfig(mode="exact"))
+    mask = {prefix + name: keep for name, keep in _mixed_mask(model, density).items()}
+    path = str(tmp_path / f"mask{prefix}.safetensors")
+    Mask(mask, signatures=tracker.signatures).save(path)
+    return path
+
+
+def _hf_train(out_dir, name: str, mask_path: str, compact: bool, max_steps: int, resume: str | None = None, **extra):
+    """A `transformers.Trainer` run (clip by norm 0.5, 2 accumulation steps) with the user's own optimizer;
+    returns (model, weights after every optimizer step, callback)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from sparsity_callbacks.integrations.transformers import SparsityCallback
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 40, (32, 12), generator=gen).tolist()
+    data = [{"input_ids": x, "labels": x} for x in ids]
+
+    callback = SparsityCallback(freeze_mask=mask_path, compact_optimizer_state=compact, mode="exact", **extra)
+
+    class Capture(TrainerCallback):
+        def __init__(self):
+            self.weights, self.compact_optimizers = [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.weights.append(_state(model))
+            self.compact_optimizers = len(callback.freezer.compact_optimizers)
+
+    capture = Capture()
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        max_steps=max_steps,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps" if resume is None else "no",
+        save_steps=2,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        optimizers=(OPTIMIZERS[name](model.parameters()), None),
+        callbacks=[callback, capture],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, capture.weights, callback, capture.compact_optimizers
+
+
+def _check_hf(tmp_path, name: str) -> None:
+    mask_path = _mask_file(tmp_path)
+    _, dense, _, _ = _hf_train(tmp_path / "dense", name, mask_path, False, 4, log_to_mlflow=False)
+    model, compact, _, compact_optimizers = _hf_train(
+        tmp_path / "compact", name, mask_path, True, 4, log_to_mlflow=False
+    )
+    assert len(dense) == len(compact) == 4
+    for step, (a, b) in enumerate(zip(dense, compact)):
+        for tensor in a:
+            assert torch.equal(a[tensor], b[tensor]), f"{tensor} differs after step {step + 1} ({name})"
+    mask = Mask.load(mask_path)
+    moved = sum(int((compact[-1][n] != compact[0][n])[mask[n]].sum()) for n in mask.names)
+    assert moved > 0
+    assert compact_optimizers == (0 if name in DENSE_ON_CPU else 1)
+
+
+@pytest.mark.parametrize("name", TRAINER_FAST)
+def test_hf_trainer_compact_state_bit_identical_to_dense_freezing(tmp_path, name):
+    _check_hf(tmp_path, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ELEMENTWISE if n not in TRAINER_FAST])
+def test_hf_trainer_compact_state_bit_identical_to_dense_freezing_every_optimizer(tmp_path, name):
+    _check_hf(tmp_path, name)
+
+
+def test_hf_trainer_resume_with_compact_state_continues_bit_exactly(tmp_path, mlflow_local):
+    from mlflow import MlflowClient
+
+    mask_path = _mask_file(tmp_path, density=0.2)
+    model, whole, callback, _ = _hf_train(tmp_path / "whole", "adamw", mask_path, True, 4)
+    saved = torch.load(tmp_path / "whole" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    names = [n for n, _ in model.named_parameters()]
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert saved["state"][names.index(up)]["exp_avg"].shape == (int(Mask.load(mask_path)[up].sum()),)
+    assert names.index(EMBED) not in saved["state"]  # fully frozen: no state saved
+
+    # resume from checkpoint-2 in a fresh Trainer: steps 3 and 4 are bit-identical to the uninterrupted run
+    _, tail, _, _ = _hf_train(
+        tmp_path / "whole",
+        "adamw",
+        mask_path,
+        True,
+        4,
+        resume=str(tmp_path / "whole" / "checkpoint-2"),
+        log_to_mlflow=False,
+    )
+    assert len(tail) == 2
+    for a, b in zip(whole[2:], tail):
+        for tensor in a:
+            assert torch.equal(a[tensor], b[tensor]), tensor
+
+    # `sparsity/optimizer_state_bytes` once, after the first step (the optimizer creates its state there)
+    client = MlflowClient(mlflow_local)
+    history = client.get_metric_history(callback.run_id, "sparsity/optimizer_state_bytes")
+    assert [m.step for m in history] == [1]
+    dense_state = 8 * sum(p.numel() for p in model.parameters())
+    assert 0 < history[0].value < 0.35 * dense_state
+
+
+def _lightning_fit(tmp_path, name: str, mask_path: str, compact: bool, max_steps: int, ckpt_path=None, **kwargs):
+    """A Lightning fit (closure-based automatic optimization, clip by norm 0.5, 2 accumulation steps); returns
+    (weights after every optimizer step, callback)."""
+    import lightning.pytorch as pl
+
+    from sparsity_callbacks.integrations.lightning import SparsityCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def training_step(self, batch, batch_idx):
+            (ids,) = batch
+            return self.lm(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return OPTIMIZERS[name](self.parameters())
+
+    class Capture(pl.Callback):
+        def __init__(self):
+            self.weights, self.step, self.compact_optimizers = [], 0, None
+
+        def on_train_start(self, trainer, pl_module):
+            self.step = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step != self.step:
+                self.step = trainer.global_step
+                self.weights.append(_state(pl_module.lm))
+                self.compact_optimizers = len(callback.session.freezer.compact_optimizers)
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randint(4, 40, (8, 12), generator=gen)), batch_size=2
+    )  # 2 optimizer steps per epoch: the checkpoint at step 2 ends an epoch, so a resumed fit sees the same batches
+    module, capture = Module(), Capture()
+    callback = SparsityCallback(freeze_mask=mask_path, compact_optimizer_state=compact, mode="exact", **kwargs)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        gradient_clip_val=0.5,
+        accumulate_grad_batches=2,
+        callbacks=[callback, capture, checkpoint],
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return capture.weights, capture.compact_optimizers
+
+
+def _check_lightning(tmp_path, name: str) -> None:
+    mask_path = _mask_file(tmp_path, prefix="lm.")
+    dense, _ = _lightning_fit(tmp_path / "dense", name, mask_path, False, 4, log_to_mlflow=False)
+    compact, compact_optimizers = _lightning_fit(tmp_path / "compact", name, mask_path, True, 4, log_to_mlflow=False)
+    assert len(dense) == len(compact) == 4
+    for step, (a, b) in enumerate(zip(dense, compact)):
+        for tensor in a:
+            assert torch.equal(a[tensor], b[tensor]), f"{tensor} differs after step {step + 1} ({name})"
+    assert compact_optimizers == (0 if name in DENSE_ON_CPU else 1)
+
+
+@pytest.mark.parametrize("name", TRAINER_FAST)
+def test_lightning_compact_state_bit_identical_to_dense_freezing(tmp_path, name):
+    _check_lightning(tmp_path, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ELEMENTWISE if n not in TRAINER_FAST])
+def test_lightning_compact_state_bit_identical_to_dense_freezing_every_optimizer(tmp_path, name):
+    _check_lightning(tmp_path, name)
+
+
+def test_lightning_resume_with_compact_state_continues_bit_exactly(tmp_path):
+    import glob
+
+    mask_path = _mask_file(tmp_path, density=0.2, prefix="lm.")
+    whole, _ = _lightning_fit(tmp_path / "whole", "adamw", mask_path, True, 4, log_to_mlflow=False)
+    (ckpt,) = [c for c in glob.glob(str(tmp_path / "whole" / "ckpt" / "*.ckpt")) if "step=2" in c]
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["state"]
+    assert all(v["exp_avg"].ndim == 1 for v in saved.values() if v["exp_avg"].numel() < 64 * 16)
+    tail, _ = _lightning_fit(tmp_path / "resumed", "adamw", mask_path, True, 4, ckpt_path=ckpt, log_to_mlflow=False)
+    assert len(tail) == 2
+    for a, b in zip(whole[2:], tail):
+        for tensor in a:
+            assert torch.equal(a[tensor], b[tensor]), tensor
