@@ -55,10 +55,17 @@ examples:
 _OVERLAP_EPILOG = """\
 o(A, B) = |A n B| / |A| (arXiv 2505.11711), Jaccard = |A n B| / |A u B|; "chance" is the value
 expected for independent random masks of the same densities (o(A, B) = |B| / N).
+--base BASE_MODEL adds "chance|mag": the value expected for masks independent *given each weight's
+magnitude* (strata: tensor x bf16 exponent of the base weight, i.e. weights within a factor of 2 that
+share one bf16 ulp; E|A n B| = sum over strata of |A_s| |B_s| / N_s). An update flips a small weight's
+bf16 value more easily than a large one's, so masks compared in bf16 overlap through magnitude alone:
+compare the observed overlap with this baseline, not only with the uniform one.
 MASK: a mask file, or an MLflow artifact URI (runs:/<run_id>/sparsity/mask.safetensors).
+BASE_MODEL: a .safetensors file, a model folder or a Hub id (the weights the masks were measured from).
 
 examples:
   sparsity-callbacks overlap seed0.safetensors seed1.safetensors --per-tensor
+  sparsity-callbacks overlap seed0.safetensors seed1.safetensors --base base_model/
   sparsity-callbacks overlap grpo.safetensors dpo.safetensors ppo.safetensors --json overlap.json
   sparsity-callbacks overlap runs:/<id1>/sparsity/mask.safetensors runs:/<id2>/sparsity/mask.safetensors"""
 
@@ -128,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     overlap.add_argument("masks", metavar="MASK", nargs="+", help="two or more masks of the same model")
     overlap.add_argument("--per-tensor", action="store_true", help="also one row per tensor (two masks)")
+    overlap.add_argument(
+        "--base",
+        metavar="BASE_MODEL",
+        help="the base model's weights: adds the magnitude-matched chance baseline (two masks)",
+    )
     overlap.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': stdout, no table)")
     _mlflow_args(overlap, log=False)
     overlap.set_defaults(func=_cmd_overlap)
@@ -443,6 +455,8 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise _UsageError(f"the masks cover different tensors: {err}") from None
     labels = _labels(args.masks)
+    if args.base is not None and len(masks) != 2:
+        raise _UsageError(f"--base works with two masks, got {len(masks)}. HINT: compare the masks pair by pair.")
     data = _overlap_pair(masks, labels, args) if len(masks) == 2 else _overlap_matrix(masks, labels)
     data["sources"] = list(args.masks)
     if args.json:
@@ -463,19 +477,50 @@ def _group_overlap(per_tensor: Mapping[str, Any], key) -> dict:
     from sparsity_callbacks.masks import Overlap
 
     sums: dict[Any, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    expected: dict[Any, float | None] = defaultdict(float)
     for name, o in per_tensor.items():
-        s = sums[key(name)]
+        k = key(name)
+        s = sums[k]
         s[0] += o.numel
         s[1] += o.size_a
         s[2] += o.size_b
         s[3] += o.intersection
-    return {k: Overlap(*v) for k, v in sorted(sums.items())}
+        e = o.expected_intersection_magnitude_matched
+        expected[k] = None if e is None or expected[k] is None else expected[k] + e
+    return {k: Overlap(*v, expected_intersection_magnitude_matched=expected[k]) for k, v in sorted(sums.items())}
+
+
+def _base_weights(source: str, masks) -> dict:
+    """The base model's tensors named in the masks (read one by one from ``source``)."""
+    from safetensors import safe_open
+
+    from sparsity_callbacks.diff import open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(source)
+    except (OSError, ValueError) as err:
+        raise _UsageError(f"--base {source!r}: {err}") from None
+    missing = [n for n in masks[0].names if n not in checkpoint.tensors]
+    if missing:
+        raise _UsageError(
+            f"--base {source!r} lacks {len(missing)} tensor(s) of the masks (e.g. {missing[:3]}). "
+            "HINT: pass the base model the masks were measured from."
+        )
+    weights = {}
+    for name in masks[0].names:
+        with safe_open(checkpoint.tensors[name].path, framework="pt") as handle:
+            weights[name] = handle.get_tensor(name)
+    return weights
 
 
 def _overlap_pair(masks, labels, args) -> dict:
     from sparsity_callbacks.params import _module_type
 
-    o = masks[0].overlap(masks[1])
+    base = None if args.base is None else _base_weights(args.base, masks)
+    try:
+        o = masks[0].overlap(masks[1], reference=base)
+    except ValueError as err:
+        raise _UsageError(f"--base {args.base!r}: {err}") from None
     data = {
         "kind": "sparsity_callbacks.overlap",
         "labels": labels,
@@ -528,10 +573,13 @@ def _print_overlap(data: dict, masks, args) -> None:
         out.line(f"{label}: {src}  ({mask.count():,} of {mask.numel():,} elements, density {_pct(mask.density)})")
     if len(masks) == 2:
         a, b = labels
+        matched = "chance_magnitude_matched" in data["global"]
         cols = ["", f"o({a},{b})", "chance", f"o({b},{a})", "chance", "Jaccard", "chance", f"|{a}|", f"|{b}|", "|A∩B|"]
+        if matched:  # the magnitude-matched baseline right after each uniform one
+            cols = [*cols[:3], "chance|mag", *cols[3:5], "chance|mag", *cols[5:7], "chance|mag", *cols[7:]]
 
         def row(key: str, o: Mapping[str, Any]) -> list[str]:
-            return [
+            cells = [
                 key,
                 _num(o["overlap_ab"]),
                 _num(o["chance_ab"]),
@@ -543,6 +591,14 @@ def _print_overlap(data: dict, masks, args) -> None:
                 f"{o['size_b']:,}",
                 f"{o['intersection']:,}",
             ]
+            if matched:
+                mag = [
+                    _num(o["chance_magnitude_matched"]),
+                    _num(o["chance_magnitude_matched_ba"]),
+                    _num(o["chance_magnitude_matched_jaccard"]),
+                ]
+                cells = [*cells[:3], mag[0], *cells[3:5], mag[1], *cells[5:7], mag[2], *cells[7:]]
+            return cells
 
         out.table("Overlap, global", cols, [row("all", data["global"])])
         out.table("Per module type", ["module type", *cols[1:]], [row(k, v) for k, v in data["module_types"].items()])

