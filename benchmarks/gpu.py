@@ -14,7 +14,9 @@ Three sections, each against a baseline in the same run (median of ``--repeats``
    (persistent state and the transient peak of one measurement).
 2. ``freeze``: the MaskFreezer exactness matrix on the device: every frozen element bit-identical
    (``torch.equal`` on the int view) after 3 steps of each optimizer (including ``fused=True`` AdamW /
-   Adam / SGD and ``foreach``) x variants (plain, clip by norm, gradient accumulation, bf16 autocast).
+   Adam / SGD and ``foreach``) x variants (plain, clip by norm, gradient accumulation, bf16 autocast), and
+   the default compact optimizer state bit-identical to dense freezing (``compact_optimizer_state=False``)
+   on every weight (this is where ``fused=True`` steps compact tensors: off the CPU).
 3. ``trainer``: a `transformers.Trainer` run of a small Llama with and without the default
    `SparsityCallback()` (measuring every ``logging_steps``), alternating order; ratio of the medians.
 
@@ -190,15 +192,23 @@ def _freeze_section(args, device: torch.device, rows: list[tuple[str, str, str]]
         for variant in variants:
             cases += 1
             try:
-                model = _tiny_llama(device)
-                opt = make(model.parameters())
-                _train(model, opt, 1, variant, device, seed=1)  # optimizer state exists before freezing
-                gen = torch.Generator().manual_seed(0)
-                mask = Mask({n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters()})
-                before = _bits(model)
-                MaskFreezer(model, mask).attach(opt)
-                _train(model, opt, 3, variant, device, seed=0)
-                after = _bits(model)
+                # the default (compact optimizer state where the optimizer allows it) and dense freezing, side by side
+                runs = {}
+                for compact in (True, False):
+                    model = _tiny_llama(device)
+                    opt = make(model.parameters())
+                    _train(model, opt, 1, variant, device, seed=1)  # optimizer state exists before freezing
+                    gen = torch.Generator().manual_seed(0)
+                    mask = Mask({n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters()})
+                    if compact:
+                        before = _bits(model)
+                    MaskFreezer(model, mask, compact_optimizer_state=compact).attach(opt)
+                    _train(model, opt, 3, variant, device, seed=0)
+                    runs[compact] = _bits(model)
+                after = runs[True]
+                differs = [n for n in after if not torch.equal(after[n], runs[False][n])]
+                if differs:
+                    raise AssertionError(f"compact optimizer state differs from dense freezing in {differs[:2]}")
                 moved = 0
                 for n, now in after.items():
                     keep = mask[n].to(device)

@@ -36,3 +36,16 @@ def test_gpu_script_cpu_dry_run_prints_one_table():
     assert lines[0] == "| section | what | result |"
     assert any(line.startswith("| measure | default config") for line in lines)
     assert "| freeze | 3 optimizers x 2 variants | 6/6 bit-identical |" in lines
+
+
+def test_freeze_memory_script_prints_the_table():
+    script = os.path.join(_ROOT, "benchmarks", "freeze_memory.py")
+    env = {**os.environ, "PYTHONPATH": _ROOT, "OMP_NUM_THREADS": "1"}
+    args = ["--width", "64", "--layers", "2", "--rows", "8", "--repeats", "1", "--warmup", "0", "--densities", "0.2"]
+    result = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=600, env=env, cwd=_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 20% |")]
+    assert [row.split(" | ")[1] for row in rows] == ["dense", "compact"]
+    assert "x dense)" in rows[1]
