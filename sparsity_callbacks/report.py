@@ -11,16 +11,32 @@ from sparsity_callbacks.measurement import Measurement, TensorCounts, _corrected
 __all__ = ["PREFIX", "Measurement", "TensorCounts"]
 
 PREFIX = "sparsity/"
+#: MLflow's run page groups charts by the key up to its last ``/`` (and titles each chart by the rest), so
+#: the headline keys form the group ``sparsity`` and each breakdown one group of its own.
+BY_LAYER = f"{PREFIX}changed_fraction_by_layer/"
+BY_MODULE = f"{PREFIX}changed_fraction_by_module/"
+BY_TENSOR = f"{PREFIX}changed_fraction_by_tensor/"
+#: the figures also shown where users look first: the trainer's log lines, progress bar and other loggers.
+HEADLINE_KEYS = (
+    f"{PREFIX}changed_fraction",
+    f"{PREFIX}ever_changed_fraction",
+    f"{PREFIX}churn_fraction",
+    f"{PREFIX}update_sparsity",
+)
 
 
 def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
-    """The flat ``sparsity/...`` metric dict of ``m`` (fractions in [0, 1])."""
+    """The flat ``sparsity/...`` metric dict of ``m`` (fractions in [0, 1]), in three MLflow chart groups:
+    the headline keys ``sparsity/<figure>``, ``sparsity/changed_fraction_by_layer/layer_<i>`` (``i``
+    zero-padded to at least two digits, so the charts sort by depth) and
+    ``sparsity/changed_fraction_by_module/<module type>``; with ``per_tensor``, also
+    ``sparsity/changed_fraction_by_tensor/<parameter name>``. The number of tracked elements is a
+    constant, logged as the param ``sparsity.tracked_elements``, not here."""
     p = m.changed_miss_probability
     metrics = {
         f"{PREFIX}changed_fraction": m.changed_fraction,
         f"{PREFIX}ever_changed_fraction": m.ever_changed_fraction,
         f"{PREFIX}update_sparsity": m.update_sparsity,
-        f"{PREFIX}tracked_elements": float(m.numel),
     }
     if m.has_churn:
         metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
@@ -35,13 +51,15 @@ def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
     def fraction(c: TensorCounts) -> float:
         return min(1.0, _corrected(c.changed, p) / c.numel) if c.numel else math.nan
 
+    layers = m.by_layer()
+    width = max(2, len(str(max(layers, default=0))))
+    for layer, counts in sorted(layers.items()):
+        metrics[f"{BY_LAYER}layer_{layer:0{width}d}"] = fraction(counts)
     for module_type, counts in sorted(m.by_module_type().items()):
-        metrics[f"{PREFIX}module/{module_type}/changed_fraction"] = fraction(counts)
-    for layer, counts in sorted(m.by_layer().items()):
-        metrics[f"{PREFIX}layer/{layer}/changed_fraction"] = fraction(counts)
+        metrics[f"{BY_MODULE}{module_type}"] = fraction(counts)
     if per_tensor:
         for name, counts in m.tensors.items():
-            metrics[f"{PREFIX}tensor/{name}/changed_fraction"] = fraction(counts)
+            metrics[f"{BY_TENSOR}{name}"] = fraction(counts)
     return metrics
 
 

@@ -106,11 +106,12 @@ class _SparsitySession:
         self._open_sink()
         self._start_freeze(resume_dir)
 
-    def on_optimizer_step(self, step: int) -> Measurement | None:
+    def on_optimizer_step(self, step: int, *, last: bool = False) -> Measurement | None:
         """After optimizer step number ``step`` (1-based global step): measure on schedule (when ``step``
         reached or passed a multiple of ``every_n_steps`` since the previous call: frameworks whose step
         counter advances by more than one, e.g. Lightning's manual optimization with several optimizers),
-        discover and apply the freeze mask at ``freeze_after_steps``."""
+        and at the ``last`` step of training (so the final figures reach the trainer's log line, and `end`
+        need not measure again); discover and apply the freeze mask at ``freeze_after_steps``."""
         if self.tracker is None:
             return None
         discover = (
@@ -122,7 +123,7 @@ class _SparsitySession:
         n = self.every_n_steps
         due = step // n > previous // n if previous is not None and previous < step else step % n == 0
         measurement = None
-        if due or discover:
+        if due or discover or last:
             measurement = self._measure(step)
         if discover:
             self._freeze(self._resolve_mask(), source=f"discover@{step}", step=step)
@@ -153,6 +154,7 @@ class _SparsitySession:
                 self._log_artifacts(measurement, mask)
             except Exception as err:  # plots or disk trouble must not fail the end of training
                 warnings.warn(f"Could not write the sparsity artifacts: {type(err).__name__}: {err}", stacklevel=2)
+        self._announce_charts()
         self.close()
         return measurement
 
@@ -175,6 +177,19 @@ class _SparsitySession:
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.sink is not None:
             self.sink.log_metrics(metrics, step)
+
+    def _announce_charts(self) -> None:
+        """Print where the charts are and keep it as the run tag ``sparsity.charts``."""
+        if self.sink is None:
+            return
+        from sparsity_callbacks.sinks.mlflow import _charts_location
+
+        run_id = self.sink.run_id
+        if run_id is None:
+            return
+        tag, message = _charts_location(self.sink.tracking_uri, self.sink.experiment_id, run_id)
+        self.sink.set_tags({"sparsity.charts": tag})
+        print(message, flush=True)
 
     def _open_sink(self) -> None:
         if not (self.config.log_to_mlflow and self.is_rank_zero):

@@ -473,7 +473,7 @@ def test_diff_to_mlflow_then_report_and_overlap_from_the_run(models, tmp_path, c
     assert run.data.params["base"] == models["base"] and run.data.params["tuned"] == models["tuned"]
     assert run.data.params["atol"] == "1e-05" and run.data.params["compare_dtype"] == "as stored"
     assert run.data.metrics["sparsity/changed_fraction"] == pytest.approx(data["changed_fraction"])
-    assert run.data.metrics["sparsity/module/self_attn.q_proj/changed_fraction"] == pytest.approx(10 / 512)
+    assert run.data.metrics["sparsity/changed_fraction_by_module/self_attn.q_proj"] == pytest.approx(10 / 512)
     assert run.data.metrics["sparsity/atol_1e-05/changed_fraction"] == pytest.approx(10 / data["numel"])
     artifacts = {os.path.basename(a.path) for a in client.list_artifacts(run_id, "sparsity")}
     assert {"report.json", "heatmap.png", "mask.safetensors"} <= artifacts

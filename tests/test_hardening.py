@@ -224,7 +224,7 @@ def test_lora_adapters_are_tracked_and_frozen_adapters_are_a_peft_error():
         lora_b.view(-1)[:2] += 1
     m = tracker.measure()
     assert m.total.changed == 2 and m.by_module_type()["self_attn.q_proj.lora_B"].changed == 2
-    assert "sparsity/module/self_attn.q_proj.lora_B/changed_fraction" in m.to_metrics()
+    assert "sparsity/changed_fraction_by_module/self_attn.q_proj.lora_B" in m.to_metrics()
     model.requires_grad_(False)
     with pytest.raises(
         ValueError, match="No parameter to track .*PEFT model with no trainable adapter.*is_trainable=True"

@@ -184,10 +184,25 @@ def test_metrics_land_in_the_mlflow_loggers_run_at_the_right_steps(tmp_path, mlf
 def test_csv_logger_sees_the_headline_metrics_and_a_new_mlflow_run_is_made(tmp_path, mlflow_local):
     from mlflow import MlflowClient
 
+    class ProgressBarRecorder(pl.Callback):
+        def __init__(self):
+            self.seen: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "sparsity/changed_fraction" in trainer.progress_bar_metrics:
+                self.seen[trainer.global_step] = trainer.progress_bar_metrics["sparsity/changed_fraction"]
+
     logger = CSVLogger(str(tmp_path), name="csv")
-    callback = SparsityCallback(mode="exact", every_n_steps=3)
-    trainer = _trainer(tmp_path, [callback], logger=logger, max_steps=6, log_every_n_steps=1)
+    callback, recorder = SparsityCallback(mode="exact", every_n_steps=3), ProgressBarRecorder()
+    trainer = _trainer(tmp_path, [callback, recorder], logger=logger, max_steps=6, log_every_n_steps=1)
     trainer.fit(LitLM(), _data(8))
+
+    # the progress bar shows the figures from the first measured step on; callback_metrics has the last
+    assert min(recorder.seen) == 3
+    assert recorder.seen[6] == pytest.approx(callback.last_measurement.changed_fraction)
+    assert float(trainer.callback_metrics["sparsity/ever_changed_fraction"]) == pytest.approx(
+        callback.last_measurement.ever_changed_fraction
+    )
 
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("sparsity/changed_fraction")]

@@ -31,8 +31,8 @@ def _metrics(step: int) -> dict[str, float]:
     return {
         "sparsity/changed_fraction": 0.01 * step,
         "sparsity/ever_changed_fraction": 0.02 * step,
-        "sparsity/module/self_attn.q_proj/changed_fraction": 0.005 * step,
-        "sparsity/layer/0/changed_fraction": 0.001 * step,
+        "sparsity/changed_fraction_by_module/self_attn.q_proj": 0.005 * step,
+        "sparsity/changed_fraction_by_layer/layer_00": 0.001 * step,
     }
 
 

@@ -64,8 +64,8 @@ def test_known_edits_counted_exactly_global_tensor_layer_module(mode):
     assert metrics["sparsity/changed_fraction"] == pytest.approx(10 / numel, rel=1e-2 if mode == "fingerprint" else 0)
     assert metrics["sparsity/update_sparsity"] == pytest.approx(1 - metrics["sparsity/changed_fraction"])
     q_numel = sum(p.numel() for n, p in model.named_parameters() if "q_proj" in n)
-    assert metrics["sparsity/module/self_attn.q_proj/changed_fraction"] == pytest.approx(4 / q_numel, rel=1e-2)
-    assert "sparsity/layer/0/changed_fraction" in metrics and "sparsity/churn_fraction" not in metrics
+    assert metrics["sparsity/changed_fraction_by_module/self_attn.q_proj"] == pytest.approx(4 / q_numel, rel=1e-2)
+    assert "sparsity/changed_fraction_by_layer/layer_00" in metrics and "sparsity/churn_fraction" not in metrics
 
 
 @pytest.mark.parametrize("mode", MODES)

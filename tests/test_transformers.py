@@ -121,12 +121,14 @@ def test_callback_validates_options_eagerly():
 
 
 # --- HF Trainer ------------------------------------------------------------------------------------
-def test_trainer_logs_into_the_hf_mlflow_run_at_its_global_steps(mlflow_local, tmp_path):
+def test_trainer_logs_into_the_hf_mlflow_run_at_its_global_steps(mlflow_local, tmp_path, capsys):
     model = tiny_llama()
     initial = _trainable(model)
     callback, recorder = SparsityCallback(), _StepRecorder()
-    args = _args(tmp_path / "out", max_steps=6, logging_steps=2, report_to="mlflow")
-    Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[callback, recorder]).train()
+    args = _args(tmp_path / "out", max_steps=6, logging_steps=2, report_to="mlflow", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[callback, recorder])
+    trainer.train()
+    printed = capsys.readouterr().out
 
     client = MlflowClient(mlflow_local)
     runs = _all_runs(client)
@@ -140,27 +142,76 @@ def test_trainer_logs_into_the_hf_mlflow_run_at_its_global_steps(mlflow_local, t
         "changed_fraction",
         "ever_changed_fraction",
         "update_sparsity",
-        "layer/0/changed_fraction",
-        "layer/1/changed_fraction",
-        "module/self_attn.q_proj/changed_fraction",
-        "module/embed_tokens/changed_fraction",
-        "module/lm_head/changed_fraction",
+        "changed_fraction_by_layer/layer_00",
+        "changed_fraction_by_layer/layer_01",
+        "changed_fraction_by_module/self_attn.q_proj",
+        "changed_fraction_by_module/embed_tokens",
+        "changed_fraction_by_module/lm_head",
     ):
         assert [s for s, _ in _history(client, run.info.run_id, f"sparsity/{key}")] == [2, 4, 6], key
     assert [s for s, _ in _history(client, run.info.run_id, "sparsity/churn_fraction")] == [4, 6]
+    # HF's MLflowCallback saw the headline figures in `logs` too; MLflow still holds one value per step
+    assert [s for s, _ in _history(client, run.info.run_id, "sparsity/changed_fraction")] == [2, 4, 6]
+    assert "sparsity/tracked_elements" not in run.data.metrics  # a constant: the param below
+    assert run.data.params["sparsity.tracked_elements"] == str(sum(t.numel() for t in initial.values()))
+
+    # the Trainer's log lines (PrinterCallback) and log_history carry the headline figures at its log steps
+    logged = [e for e in trainer.state.log_history if "sparsity/changed_fraction" in e]
+    assert [e["step"] for e in logged] == [2, 4, 6] and all("loss" in e for e in logged)
+    assert logged[-1]["sparsity/changed_fraction"] == callback.last_measurement.changed_fraction
+    assert {"sparsity/ever_changed_fraction", "sparsity/update_sparsity"} <= set(logged[0])
+    lines = [line for line in printed.splitlines() if "'loss'" in line]
+    assert len(lines) == 3 and all("'sparsity/changed_fraction'" in line for line in lines)
+    # the relays are gone from the Trainer's callback list after training
+    assert [type(c).__name__ for c in trainer.callback_handler.callbacks].count("_HeadlineRelay") == 0
+
+    # where to look: printed and kept as a run tag (a local store: the `mlflow ui` command and the page)
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics"
+    command = f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run.data.tags["sparsity.charts"] == f"{command}  # then open http://127.0.0.1:5000/{page}"
+    assert command in printed and page in printed
 
     changed = _changed(model, initial)
     final = _history(client, run.info.run_id, "sparsity/changed_fraction")[-1][1]
     assert final == pytest.approx(_fraction(changed), abs=1e-12)
     assert 0 < final < 1  # embedding rows of unseen token ids got no gradient and no weight decay
     embed = changed["model.embed_tokens.weight"]
-    assert run.data.metrics["sparsity/module/embed_tokens/changed_fraction"] == pytest.approx(
+    assert run.data.metrics["sparsity/changed_fraction_by_module/embed_tokens"] == pytest.approx(
         embed.float().mean().item(), abs=1e-12
     )
     assert run.data.params["sparsity.tracked"] == "trainable parameters"
     assert run.data.params["sparsity.every_n_steps"] == "2"
     assert run.data.params["sparsity.resolved_mode"] == "exact"
     assert _artifact_paths(client, run.info.run_id) == ARTIFACTS
+
+
+@pytest.mark.parametrize("report_to", [["tensorboard"], ["mlflow", "tensorboard"]])
+def test_headline_figures_reach_every_reporter_once(report_to, mlflow_local, tmp_path):
+    """TensorBoard gets the headline figures from the Trainer's `logs`, in a list with or without HF's
+    MLflowCallback before it; MLflow gets each key once per step either way."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = SparsityCallback(every_n_steps=2)
+    args = _args(tmp_path / "out", max_steps=5, logging_steps=1, report_to=report_to)
+    Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[callback]).train()
+
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if "tfevents" in f]
+    assert len(events) == 1
+    accumulator = EventAccumulator(events[0])
+    accumulator.Reload()
+    tag = "train/sparsity/changed_fraction"  # TensorBoardCallback puts training logs under train/
+    assert tag in accumulator.Tags()["scalars"]
+    # measured every 2 steps and at the last one; the figures are the ones the callback measured
+    assert [e.step for e in accumulator.Scalars(tag)] == [2, 4, 5]
+    final = callback.last_measurement.changed_fraction
+    assert accumulator.Scalars(tag)[-1].value == pytest.approx(final, rel=1e-6)  # float32 in the event file
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+    client = MlflowClient(mlflow_local)
+    (run,) = _all_runs(client)
+    for key in ("sparsity/changed_fraction", "sparsity/ever_changed_fraction", "sparsity/update_sparsity"):
+        assert [s for s, _ in _history(client, run.info.run_id, key)] == [2, 4, 5], key
 
 
 def test_report_to_none_gradient_accumulation_epochs_and_bf16(mlflow_local, tmp_path):
@@ -203,7 +254,7 @@ def test_peft_lora_tracks_only_adapters_and_logging_ratio(mlflow_local, tmp_path
     history = _history(client, run.info.run_id, "sparsity/changed_fraction")
     assert [s for s, _ in history] == [2, 4]
     assert history[-1][1] == pytest.approx(_fraction(_changed(model, initial)), abs=1e-12)
-    assert "sparsity/module/self_attn.q_proj.lora_A/changed_fraction" in run.data.metrics
+    assert "sparsity/changed_fraction_by_module/self_attn.q_proj.lora_A" in run.data.metrics
 
 
 def test_end_to_end_against_a_real_mlflow_server(server_tracking, tmp_path):
@@ -235,6 +286,8 @@ def test_end_to_end_against_a_real_mlflow_server(server_tracking, tmp_path):
     assert params["sparsity.mode"] == "auto" and params["sparsity.compare_dtype"] == "None"
     assert params["sparsity.tracked_elements"] == str(sum(t.numel() for t in initial.values()))
     assert _artifact_paths(client, run_id) == ARTIFACTS
+    page = f"{server_tracking}/#/experiments/{run.info.experiment_id}/runs/{run_id}/model-metrics"
+    assert run.data.tags["sparsity.charts"] == page  # an http server: the direct URL of the charts
 
     local = client.download_artifacts(run_id, "sparsity", str(tmp_path / "downloaded"))
     mask = Mask.load(os.path.join(local, "mask.safetensors"))
@@ -519,7 +572,11 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
     client = MlflowClient(server.uri)
     runs = _all_runs(client)
     assert len(runs) == 1 and runs[0].info.run_id == callback.run_id
-    for key in ("sparsity/changed_fraction", "sparsity/ever_changed_fraction", "sparsity/layer/1/changed_fraction"):
+    for key in (
+        "sparsity/changed_fraction",
+        "sparsity/ever_changed_fraction",
+        "sparsity/changed_fraction_by_layer/layer_01",
+    ):
         assert [s for s, _ in _history(client, callback.run_id, key)] == list(range(1, 9)), key
     expected = [(int(row["step"]), row["changed_fraction"]) for row in callback.tracker.history]
     assert _history(client, callback.run_id, "sparsity/changed_fraction") == expected

@@ -10,10 +10,11 @@ import os
 import warnings
 from typing import Any
 
+import torch
 from typing_extensions import override
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
-from sparsity_callbacks.report import PREFIX, Measurement
+from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
 from sparsity_callbacks.session import TRACKER_FILE, _SparsitySession
 
 try:
@@ -31,8 +32,6 @@ _ON_MISSING_STATE = ("raise", "resnapshot")
 _STATE_VERSION = 1
 #: folder written next to the checkpoints, one per global step: ``sparsity_state-step=<N>``.
 STATE_DIR_PREFIX = "sparsity_state-step="
-#: the headline figures also given to the trainer's other loggers (CSV, TensorBoard, ...).
-_HEADLINE = ("changed_fraction", "ever_changed_fraction", "churn_fraction", "update_sparsity")
 
 
 class SparsityCallback(pl.Callback):
@@ -61,9 +60,10 @@ class SparsityCallback(pl.Callback):
     (same run id and tracking URI); otherwise into ``mlflow.active_run()`` or a new run (see `MLflowSink`).
     The headline figures (``sparsity/changed_fraction``, ``ever_changed_fraction``, ``churn_fraction``,
     ``update_sparsity``) are also passed to the trainer's other loggers (CSV, TensorBoard, ...) at
-    ``step=trainer.global_step``. Only global rank 0 logs; every rank measures (sharded parameters, e.g.
-    FSDP2, are counted by summing the ranks' counts, so every rank must run the same steps; DDP replicas are
-    counted once).
+    ``step=trainer.global_step``, and shown in the progress bar and ``trainer.callback_metrics`` (the final
+    figures of ``on_train_end`` in ``callback_metrics`` only). Only global rank 0 logs; every rank measures
+    (sharded parameters, e.g. FSDP2, are counted by summing the ranks' counts, so every rank must run the same
+    steps; DDP replicas are counted once).
 
     Checkpoints: the callback's entry in the ``.ckpt`` is small (step, folder, config). The tracker state (the
     original reference, the ever-changed mask, churn fingerprints; about 1x the tracked bytes in
@@ -142,6 +142,7 @@ class SparsityCallback(pl.Callback):
         self._last_step = step
         measurement = self._session.on_optimizer_step(step)
         if measurement is not None:
+            pl_module.log_dict(_headline(measurement), prog_bar=True, logger=False, on_step=True, on_epoch=False)
             self._log_headline(trainer, measurement)
 
     @override
@@ -150,6 +151,8 @@ class SparsityCallback(pl.Callback):
             return
         measurement = self._session.end(trainer.global_step)  # closes the session; it stays readable
         if measurement is not None:
+            # `pl_module.log` is not allowed in on_train_end: the final figures go to callback_metrics directly
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in _headline(measurement).items()})
             self._log_headline(trainer, measurement)
 
     @override
@@ -258,8 +261,7 @@ class SparsityCallback(pl.Callback):
         loggers = [lg for lg in trainer.loggers if not _is_mlflow_logger(lg)]
         if not loggers:
             return
-        metrics = measurement.to_metrics()
-        headline = {f"{PREFIX}{key}": metrics[f"{PREFIX}{key}"] for key in _HEADLINE if f"{PREFIX}{key}" in metrics}
+        headline = _headline(measurement)
         for logger in loggers:
             logger.log_metrics(headline, step=trainer.global_step)
 
@@ -276,6 +278,11 @@ def _may_clip_grad_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> b
     if type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
         return True
     return bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm")
+
+
+def _headline(measurement: Measurement) -> dict[str, float]:
+    metrics = measurement.to_metrics()
+    return {key: metrics[key] for key in HEADLINE_KEYS if key in metrics}
 
 
 def _is_mlflow_logger(logger: Any) -> bool:

@@ -5,8 +5,18 @@ Lightning adapter) and holds no sparsity logic of its own::
 
     on_train_begin   -> session.start(model, [optimizer], global_step, resume_dir)
     on_optimizer_step-> session.on_optimizer_step(global_step + 1)   # after the step, before zero_grad
+    on_step_end      -> control.should_log = True at a measured step
+    on_log           -> the headline figures join the Trainer's `logs` (log line, log_history, reporters)
     on_save          -> session.save(<output_dir>/checkpoint-<global_step>)
     on_train_end     -> session.end(global_step)
+
+Getting the figures to every reporter: the Trainer calls its callbacks in list order, and a user's
+callbacks come after the reporting ones (``report_to``), so adding to ``logs`` in our own ``on_log`` would
+reach the console and ``state.log_history`` but no reporter. At train begin the callback therefore puts a
+small relay at the front of the Trainer's callback list that adds the headline figures to ``logs`` before
+any reporter sees them. HF's ``MLflowCallback`` is bracketed by a relay that hides them from it and one that
+puts them back: the MLflow sink already logs them into the same run, with its buffering and retries, so
+every key has one value per step there.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
-from sparsity_callbacks.report import Measurement
+from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
 from sparsity_callbacks.session import TRACKER_FILE, _SparsitySession
 
 _log = logging.getLogger("sparsity_callbacks")
@@ -78,6 +89,10 @@ class SparsityCallback(TrainerCallback):
         self.session: _SparsitySession | None = None
         self.run_id: str | None = None
         self._save_warned = False
+        self._handler: CallbackHandler | None = None  # the Trainer's, while our relays are in it
+        self._headline: dict[str, float] = {}  # figures measured at `_headline_step`, not yet in `logs`
+        self._headline_step: int | None = None
+        self._hidden: dict[str, float] = {}  # taken out of `logs` while HF's MLflowCallback runs
 
     # --- read-only views -------------------------------------------------------------------------
     @property
@@ -120,12 +135,35 @@ class SparsityCallback(TrainerCallback):
             clips_grad_norm=bool(args.max_grad_norm) and args.max_grad_norm > 0,
         )
         self.session.start(model, [optimizer], step, _resume_dir(args, state) if step > 0 else None)
+        self._headline, self._headline_step = {}, None
+        self._install_relays(_calling_handler(self))
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         # The Trainer calls this after `optimizer.step()` and before `global_step += 1`: the step just taken
         # is `global_step + 1`, the step at which the Trainer logs its own metrics for it.
-        if self.session is not None:
-            self.session.on_optimizer_step(int(state.global_step) + 1)
+        if self.session is None:
+            return
+        step = int(state.global_step) + 1
+        measurement = self.session.on_optimizer_step(step, last=0 < state.max_steps <= step)
+        if measurement is not None:
+            metrics = measurement.to_metrics()
+            self._headline = {key: metrics[key] for key in HEADLINE_KEYS if key in metrics}
+            self._headline_step = step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._headline_step == state.global_step:
+            control.should_log = True  # the Trainer writes a log line (with our figures) at every measured step
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ):
+        if self._handler is None:  # no relay (the callback list was not found): console and log_history only
+            self._add_headline(state, logs)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.session is None:
@@ -146,6 +184,7 @@ class SparsityCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.session is None:
             return
+        self._remove_relays()
         sink = self.session.sink
         measurement = self.session.end(int(state.global_step))
         self.run_id = sink.run_id if sink is not None else None  # after `end`: never waits for the server
@@ -159,8 +198,87 @@ class SparsityCallback(TrainerCallback):
                 f" (MLflow run {self.run_id})" if self.run_id else "",
             )
 
+    # --- the figures in the Trainer's logs ----------------------------------------------------------
+    def _add_headline(self, state: TrainerState, logs: dict[str, float] | None) -> None:
+        """Add the figures measured at this step to the Trainer's ``logs`` and to the ``state.log_history``
+        entry the Trainer just made from them (a copy), once per measured step."""
+        if logs is None or not self._headline or self._headline_step != state.global_step:
+            return
+        logs.update(self._headline)
+        last = state.log_history[-1] if state.log_history else None
+        if isinstance(last, dict) and last.get("step") == state.global_step:
+            last.update(self._headline)
+        self._headline = {}
+
+    def _install_relays(self, handler: CallbackHandler | None) -> None:
+        """Put `_HeadlineRelay`s into the Trainer's callback list (see the module docstring).
+
+        The list is replaced, not changed in place: the Trainer is iterating over it right now."""
+        self._remove_relays()
+        if handler is None:
+            return
+        from transformers.integrations import MLflowCallback
+
+        # Hidden from MLflowCallback only when the sink logs them (log_to_mlflow=False: MLflowCallback does).
+        hide = self.session is not None and self.session.sink is not None
+        callbacks: list[TrainerCallback] = [_HeadlineRelay(self, "add")]
+        for callback in handler.callbacks:
+            if hide and isinstance(callback, MLflowCallback):
+                callbacks += [_HeadlineRelay(self, "hide"), callback, _HeadlineRelay(self, "restore")]
+            else:
+                callbacks.append(callback)
+        handler.callbacks = callbacks
+        self._handler = handler
+
+    def _remove_relays(self) -> None:
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.callbacks = [
+                c for c in handler.callbacks if not (isinstance(c, _HeadlineRelay) and c.owner is self)
+            ]
+
+    def _relay(self, role: str, state: TrainerState, logs: dict[str, float] | None) -> None:
+        if logs is None:
+            return
+        if role == "add":
+            self._add_headline(state, logs)
+        elif role == "hide":
+            self._hidden = {key: logs.pop(key) for key in HEADLINE_KEYS if key in logs}
+        else:
+            logs.update(self._hidden)
+            self._hidden = {}
+
+
+class _HeadlineRelay(TrainerCallback):
+    """One position in the Trainer's callback list where `SparsityCallback` works on ``logs``: ``"add"``
+    (first in the list), ``"hide"`` / ``"restore"`` (around HF's ``MLflowCallback``)."""
+
+    def __init__(self, owner: SparsityCallback, role: str) -> None:
+        self.owner = owner
+        self.role = role
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.owner._relay(self.role, state, logs)
+
 
 # --- helpers (Trainer-specific; anything the Lightning adapter also needs lives in session.py) --------
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The Trainer's `CallbackHandler` that is calling ``callback`` now (its ``call_event`` frame), or None
+    when the event was called some other way. Transformers gives callbacks no reference to it."""
+    frame = sys._getframe(1)
+    try:
+        for _ in range(6):
+            frame = frame.f_back
+            if frame is None:
+                return None
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
+                return handler
+        return None
+    finally:
+        del frame
+
+
 def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP / DataParallel / DeepSpeedEngine / ``torch.compile`` wrappers. FSDP stays
     wrapped (the tracker reads its local shards)."""

@@ -380,6 +380,23 @@ class MLflowSink:
         except Exception as err:  # never kill training for logging
             _log.warning("MLflowSink.log_metrics failed and skipped these metrics: %r", err)
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Queue run tags (values converted with `str`). Never blocks, never raises."""
+        try:
+            if not self._usable():
+                return
+            clean = {self._key(key): str(value) for key, value in tags.items()}
+            self._notify_renamed()
+            if clean:
+                self._enqueue("tags", clean)
+        except Exception as err:  # never kill training for logging
+            _log.warning("MLflowSink.set_tags failed and skipped these tags: %r", err)
+
+    @property
+    def experiment_id(self) -> str | None:
+        """Experiment of the run (None when unknown, e.g. an explicit ``run_id`` whose run was not read)."""
+        return self._experiment_id
+
     def log_artifact(self, local_path: str, artifact_path: str = "sparsity") -> None:
         """Queue the file ``local_path`` for upload under ``artifact_path`` of the run. A hard link (or a
         copy) is taken now, so the file may be deleted or rewritten right after this call. Never raises:
@@ -486,6 +503,7 @@ class MLflowSink:
             active = mlflow.active_run()
             if active is not None and (self._explicit_uri is None or self._explicit_uri == current_uri):
                 self._run_id = active.info.run_id
+                self._experiment_id = active.info.experiment_id
             else:
                 self._owns_run = True
                 if self._experiment is None and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
@@ -674,7 +692,7 @@ class MLflowSink:
             return batch
 
     def _send(self, client: Any, batch: list[_Entry]) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         head = batch[0]
         if head.kind == "metrics":
@@ -682,6 +700,8 @@ class MLflowSink:
             client.log_batch(self._run_id, metrics=metrics)
         elif head.kind == "params":
             client.log_batch(self._run_id, params=[Param(k, v) for k, v in head.payload.items()])
+        elif head.kind == "tags":
+            client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in head.payload.items()])
         elif head.kind == "artifact":
             local_path, artifact_path = head.payload
             client.log_artifact(self._run_id, local_path, artifact_path)
@@ -752,6 +772,8 @@ class MLflowSink:
                     record = {"type": "metrics", "metrics": [list(row) for row in entry.payload]}
                 elif entry.kind == "params":
                     record = {"type": "params", "params": entry.payload}
+                elif entry.kind == "tags":
+                    record = {"type": "tags", "tags": entry.payload}
                 elif entry.kind == "artifact":
                     staged, artifact_path = entry.payload
                     os.makedirs(artifact_dir, exist_ok=True)
@@ -767,6 +789,43 @@ class MLflowSink:
                     record = {"type": "terminate", "status": entry.payload}
                 f.write(json.dumps(record) + "\n")
         return path
+
+
+#: the chart groups MLflow's run page shows for our keys (it groups by the key up to its last ``/``).
+CHART_GROUPS = ("sparsity", "sparsity/changed_fraction_by_layer", "sparsity/changed_fraction_by_module")
+
+
+def _charts_location(tracking_uri: str | None, experiment_id: str | None, run_id: str) -> tuple[str, str]:
+    """Where a user finds the run's sparsity charts: ``(tag value, message to print)``.
+
+    An http(s) tracking server: the direct URL of the run's "Model metrics" tab. A local store (sqlite,
+    file): the ``mlflow ui`` command for it (absolute path, so it works from any folder) and the URL to
+    open once it runs. Anything else (e.g. ``databricks``): the run id and the tab to click.
+    """
+    groups = ", ".join(f'"{g}"' for g in CHART_GROUPS)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}/model-metrics" if experiment_id else f"#/runs/{run_id}"
+    uri = tracking_uri or ""
+    if _is_http(uri):
+        url = f"{uri.rstrip('/')}/{page}"
+        return url, f"sparsity_callbacks: sparsity charts (groups {groups}): {url}"
+    command = None
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        command = f"mlflow ui --backend-store-uri sqlite:///{os.path.abspath(path)}"
+    elif uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file://") :] if uri.startswith("file://") else uri.removeprefix("file:")
+        command = f"mlflow ui --backend-store-uri {os.path.abspath(path or 'mlruns')}"
+    if command is None:
+        where = f"run {run_id} at {uri}, tab Model metrics"
+        return where, f"sparsity_callbacks: sparsity charts (groups {groups}): {where}"
+    url = f"http://127.0.0.1:5000/{page}"
+    value = f"{command}  # then open {url}"
+    message = (
+        f"sparsity_callbacks: to see the sparsity charts (groups {groups}), run\n"
+        f"    {command}\n"
+        f"and open {url} (or: Experiments > this run's experiment > the run > Model metrics)"
+    )
+    return value, message
 
 
 def _get_or_create_experiment(client: Any, name: str) -> str:
@@ -793,7 +852,7 @@ def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str 
     Raises on any MLflow error.
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
     with open(path, encoding="utf-8") as f:
@@ -839,6 +898,8 @@ def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str 
             items = list(record["params"].items())
             for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
                 client.log_batch(target, params=[Param(k, v) for k, v in items[i : i + _MAX_PARAMS_PER_BATCH]])
+        elif kind == "tags":
+            client.log_batch(target, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         elif kind == "artifact":
             with tempfile.TemporaryDirectory() as tmp:
                 named = os.path.join(tmp, record["name"])
