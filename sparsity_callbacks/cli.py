@@ -446,6 +446,8 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
             "HINT: sparsity-callbacks overlap A.safetensors B.safetensors"
         )
     with _tracking_uri(args.tracking_uri):
+        if any(not os.path.exists(src) for src in args.masks):
+            _require_existing_store()
         masks = [Mask.load(src) for src in args.masks]
     for src, mask in zip(args.masks[1:], masks[1:]):
         try:
@@ -661,11 +663,13 @@ def _load_report_source(source: str):
         run_uri = source.rstrip("/")
     if run_uri is None:
         if source.startswith(("models:/", "mlflow-artifacts:/", "s3://", "gs://", "dbfs:/")):
+            _require_existing_store()
             return _from_mask(Mask.load(source))
         raise FileNotFoundError(
             f"{source!r} is neither a file nor an MLflow run id / runs:/ URI. HINT: pass a "
             "mask file, a report JSON, a 32-character run id or runs:/<run_id>."
         )
+    _require_existing_store()
     parts = run_uri[len("runs:/") :].split("/", 1)
     if len(parts) == 2 and parts[1]:
         if parts[1].endswith(".json"):
@@ -799,6 +803,28 @@ def _write_json(data: Mapping[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
+
+
+def _require_existing_store() -> None:
+    """Refuse to read from a local MLflow store that does not exist: MLflow would create an empty one
+    (``mlflow.db`` in the current folder when nothing is configured) and then report a missing run."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+    elif uri.startswith("file:"):
+        path = uri[len("file://") :] if uri.startswith("file://") else uri[len("file:") :]
+    elif "://" not in uri:
+        path = uri
+    else:
+        return  # a server or a remote database: nothing is created here
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no MLflow store at {uri} ({os.path.abspath(path)} does not exist), and reading from it would "
+            "create an empty one. HINT: pass --tracking-uri (e.g. sqlite:///path/to/mlflow.db or "
+            "http://host:5000), set MLFLOW_TRACKING_URI, or run from the folder that holds mlflow.db."
+        )
 
 
 class _tracking_uri:

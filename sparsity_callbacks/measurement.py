@@ -38,16 +38,19 @@ def _sum(counts: Iterable[TensorCounts]) -> TensorCounts:
     return total
 
 
-def _corrected(detected: float, miss_probability: float) -> float:
-    """Unbiased estimate of the true count when each change is missed with ``miss_probability``."""
+def _corrected(detected: int, miss_probability: float) -> int | float:
+    """Unbiased estimate of the true count when each change is missed with ``miss_probability``; the
+    detected count itself, an integer, when nothing is missed (exact mode, diffs)."""
+    if miss_probability == 0:
+        return detected
     return detected / (1.0 - miss_probability)
 
 
-def _upper_bound(detected: float, miss_probability: float) -> float:
+def _upper_bound(detected: int, miss_probability: float) -> int | float:
     """99.9 % upper confidence bound of the true count (normal approximation of the binomial number of
     misses plus a Poisson floor of 7 for small counts, whose 99.9 % quantile at mean 1 is 5)."""
     if miss_probability == 0:
-        return float(detected)
+        return detected
     estimate = _corrected(detected, miss_probability)
     misses = estimate * miss_probability
     return detected + misses + 3.1 * math.sqrt(misses) + 7
@@ -97,23 +100,23 @@ class Measurement:
         return self.total.numel
 
     @property
-    def changed(self) -> float:
-        """Elements differing from the reference now (corrected estimate in fingerprint mode)."""
+    def changed(self) -> int | float:
+        """Elements differing from the reference now (an int; a corrected estimate in fingerprint mode)."""
         return _corrected(self.total.changed, self.changed_miss_probability)
 
     @property
-    def changed_upper(self) -> float:
+    def changed_upper(self) -> int | float:
         """99.9 % upper bound of the changed count (== `changed` in exact mode)."""
         return _upper_bound(self.total.changed, self.changed_miss_probability)
 
     @property
-    def ever_changed(self) -> float:
+    def ever_changed(self) -> int | float:
         """Elements changed at any measurement so far: the ever-changed mask's size (``total.ever_changed``)
         plus, in fingerprint mode, the changes estimated to be missed now (so it is >= `changed`)."""
         return self.total.ever_changed + (self.changed - self.total.changed)
 
     @property
-    def churn(self) -> float:
+    def churn(self) -> int | float:
         """Elements changed since the previous measurement (corrected estimate)."""
         return _corrected(self.total.churn, self.churn_miss_probability)
 

@@ -173,20 +173,47 @@ def save_curves(history: Sequence[Mapping[str, float]], path: str, title: str = 
     figure.savefig(path)
 
 
-def heatmap_text(cells: Mapping[tuple[int | None, str], float]) -> str:
-    """The heatmap as a plain-text table of percentages (one row per layer, ``other`` last; ``-`` where a
-    layer has no tensor of that module type), for terminals."""
-    layers, modules = _grid(cells)
+def heatmap_text(cells: Mapping[tuple[int | None, str], float], width: int = 100) -> str:
+    """The heatmap as a plain-text table of percentages, at most ``width`` characters wide, for terminals.
+
+    One row per layer (``other`` last) and one column per module type when that fits; otherwise
+    transposed (one row per module type, one column per layer), with the columns wrapped into blocks of
+    at most ``width`` characters, each repeating the row labels. ``-`` where a layer has no tensor of that
+    module type.
+    """
     if not cells:
         return "(no tracked tensors)"
-    header = ["layer", *modules]
-    body = []
-    for layer in layers:
-        row = [_row_label(layer)]
-        for module in modules:
-            value = _value(cells, layer, module)
-            row.append("-" if math.isnan(value) else f"{100 * value:.1f}%")
-        body.append(row)
+    layers, modules = _grid(cells)
+
+    def pct(layer: int | None, module: str) -> str:
+        value = _value(cells, layer, module)
+        return "-" if math.isnan(value) else f"{100 * value:.1f}%"
+
+    by_layer = _text_table(
+        ["layer", *modules], [[_row_label(layer)] + [pct(layer, m) for m in modules] for layer in layers]
+    )
+    if max(len(line) for line in by_layer) <= width:
+        return "\n".join(by_layer)
+    header = ["module \\ layer", *[_row_label(layer) for layer in layers]]
+    rows = [[module] + [pct(layer, module) for layer in layers] for module in modules]
+    label_width = max(len(r[0]) for r in [header, *rows])
+    column_widths = [max(len(r[i]) for r in [header, *rows]) for i in range(1, len(header))]
+    blocks, start = [], 0
+    while start < len(column_widths):
+        end, used = start + 1, label_width + 2 + column_widths[start]
+        while end < len(column_widths) and used + 2 + column_widths[end] <= width:
+            used += 2 + column_widths[end]
+            end += 1
+        keep = [0, *range(start + 1, end + 1)]
+        blocks.append("\n".join(_text_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows])))
+        start = end
+    return "\n\n".join(blocks)
+
+
+def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """Lines of a table: the first column left-aligned, the others right-aligned, two spaces apart."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *body]]
-    return "\n".join(lines)
+    return [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *body]
+    ]

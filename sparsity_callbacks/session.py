@@ -64,9 +64,10 @@ class _SparsitySession:
         extra_params: dict[str, str] | None = None,
         clips_grad_norm: bool = True,
     ) -> None:
-        self.config = config
         self.is_rank_zero = is_rank_zero
         self.every_n_steps = config.every_n_steps or max(1, int(default_every_n_steps))
+        # the effective options: masks, report.json and params record the interval actually used
+        self.config = config.replace(every_n_steps=self.every_n_steps)
         self.tracker: SparsityTracker | None = None
         self.freezer = None
         self.freeze_source: str | None = None

@@ -108,6 +108,8 @@ def test_diff_counts_the_known_edits_and_json_round_trips(models, tmp_path, caps
     assert data["tensors"][DOWN] == {**data["tensors"][DOWN], "changed": 5, "within": {"1e-05": 0, "0.1": 0}}
     assert data["tensors"][K]["changed"] == 6 and data["tensors"][K]["within"]["1e-05"] == 0
     assert data["changed"] == 21
+    # counts are integers in the JSON text, not 21.0
+    assert '"changed": 21,' in out_json.read_text() and isinstance(data["within_atol"]["1e-05"]["changed"], int)
     assert data["changed_fraction"] == pytest.approx(21 / data["numel"])
     assert data["within_atol"]["1e-05"]["changed"] == 10
     assert data["module_types"]["self_attn.q_proj"]["changed"] == 10
@@ -441,6 +443,25 @@ def test_report_of_a_mask_prints_the_heatmap_and_writes_the_png(models, tmp_path
 def test_report_of_a_missing_source_exits_2(tmp_path, capsys):
     code, _, err = _run(["report", tmp_path / "nothing.safetensors"], capsys)
     assert code == 2 and "neither a file nor an MLflow run" in err
+
+
+def test_report_and_overlap_of_a_run_create_no_store_where_none_is_configured(tmp_path):
+    """Without MLFLOW_TRACKING_URI, MLflow's default is ./mlflow.db; reading a run must not create it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    run_id = "0123456789abcdef0123456789abcdef"
+    for argv in (["report", run_id], ["report", f"runs:/{run_id}"], ["overlap", f"runs:/{run_id}/m", "runs:/x/m"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsity_callbacks", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "no MLflow store at sqlite:///" in proc.stderr and "--tracking-uri" in proc.stderr
+        assert os.listdir(tmp_path) == [], argv
 
 
 # --- MLflow ------------------------------------------------------------------------------------

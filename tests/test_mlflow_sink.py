@@ -251,6 +251,7 @@ def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_
             assert time.monotonic() - started < retry
             time.sleep(0.05)
         assert sink.run_id is None  # its run could not be created: the server is down
+        sink.set_tags({"sparsity.charts": "here"})
         sink.log_artifact(str(mask))
         sink.close(timeout=1.0)
     assert len(_unreachable_warnings(records)) == 1
@@ -269,6 +270,7 @@ def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_
     assert client.get_experiment(run.info.experiment_id).name == "never-back"
     assert run.info.run_name == "lost" and run.info.status == "FINISHED"
     assert run.data.params == {"sparsity.mode": "exact"}
+    assert run.data.tags["sparsity.charts"] == "here"
     for key in _metrics(0):
         assert _history(client, run_id, key) == [(s, pytest.approx(_metrics(s)[key])) for s in range(10)]
     assert [a.path for a in client.list_artifacts(run_id, "sparsity")] == ["sparsity/mask.bin"]

@@ -100,3 +100,21 @@ def test_plotting_leaves_the_pyplot_backend_alone(tmp_path):
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_heatmap_text_fits_100_columns_for_a_deep_model():
+    """24 layers x 9 module types of a Llama-style model: transposed and wrapped, every value kept."""
+    modules = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    modules += ["input_layernorm", "post_attention_layernorm"]
+    cells = {(layer, m): (layer * 9 + i) / 1000 for layer in range(24) for i, m in enumerate(modules)}
+    cells[(None, "embed_tokens")] = 1.0
+    text = heatmap_text(cells)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    blocks = text.split("\n\n")
+    assert len(blocks) >= 2 and all(block.splitlines()[0].startswith("module \\ layer") for block in blocks)
+    columns = [c for block in blocks for c in block.splitlines()[0].split()[3:]]
+    assert columns == [str(i) for i in range(24)] + ["other"]  # every layer once, in order
+    q_row = [line.split()[1:] for line in lines if line.startswith("self_attn.q_proj")]
+    assert [v for row in q_row for v in row] == [f"{100 * (layer * 9) / 1000:.1f}%" for layer in range(24)] + ["-"]
+    assert heatmap_text(cells, width=60).count("\n\n") > text.count("\n\n")

@@ -291,6 +291,7 @@ def test_end_to_end_against_a_real_mlflow_server(server_tracking, tmp_path):
 
     local = client.download_artifacts(run_id, "sparsity", str(tmp_path / "downloaded"))
     mask = Mask.load(os.path.join(local, "mask.safetensors"))
+    assert mask.metadata["config"]["every_n_steps"] == 2  # the effective interval (logging_steps), not None
     for name, expected in ever.items():
         assert torch.equal(mask[name], expected), name
     import json
