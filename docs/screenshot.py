@@ -3,10 +3,11 @@
     cd /tmp/grpo && python /path/to/examples/trl_grpo.py      # writes ./mlflow.db
     python docs/screenshot.py --store /tmp/grpo/mlflow.db [--run-id ID] [--out docs/mlflow_ui.png]
 
-Starts ``mlflow server`` on 127.0.0.1 against the store, opens the run's "Model metrics" tab in headless
-Chromium (Debian: ``apt-get install -y chromium``), types ``sparsity/`` into the chart search box (driven
-through the DevTools protocol over a pipe, standard library only) and saves a PNG; the server is stopped
-afterwards.
+Starts ``mlflow server`` on 127.0.0.1 against the store, opens the run's "Model metrics" tab (the address
+the callback prints at the end of training) in headless Chromium (Debian: ``apt-get install -y chromium``),
+closes the MLflow Assistant side panel, scrolls the chart group ``sparsity`` to the top, as a user
+scrolling down to it would (nothing is typed into the search box), and saves a PNG; the server is stopped
+afterwards. Driven through the DevTools protocol over a pipe, standard library only.
 """
 
 from __future__ import annotations
@@ -114,12 +115,13 @@ class _DevTools:
         shutil.rmtree(self._profile, ignore_errors=True)
 
 
-_TYPE_FILTER = """(() => {
-  const box = document.querySelector('input[placeholder*="Search metric charts"]');
-  if (!box) return false;
-  const setter = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
-  setter.call(box, %s);
-  box.dispatchEvent(new Event('input', {bubbles: true}));
+_PAGE_READY = """(() => !!document.querySelector('input[placeholder*="Search metric charts"]'))()"""
+_PLOTS_DRAWN = "document.querySelectorAll('.js-plotly-plot').length"
+_SCROLL_TO_GROUP = """(() => {
+  const title = [...document.querySelectorAll('*')].find(
+    e => e.childElementCount === 0 && e.textContent.trim() === %s);
+  if (!title) return false;
+  title.scrollIntoView({block: 'start'});
   return true;
 })()"""
 _CLOSE_ASSISTANT = """(() => {
@@ -133,7 +135,7 @@ _CLOSE_ASSISTANT = """(() => {
 })()"""
 
 
-def _capture(chromium: str, url: str, width: int, height: int, text: str, wait_s: float) -> bytes:
+def _capture(chromium: str, url: str, width: int, height: int, group: str, wait_s: float) -> bytes:
     tools = _DevTools(chromium, width, height)
     try:
         target = next(t for t in tools.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
@@ -142,13 +144,21 @@ def _capture(chromium: str, url: str, width: int, height: int, text: str, wait_s
         tools.call("Page.enable")
         tools.call("Page.navigate", url=url)
         deadline = time.monotonic() + 120
-        while not tools.evaluate(_TYPE_FILTER % json.dumps(text)):
+        while not tools.evaluate(_PAGE_READY):
             if time.monotonic() > deadline:
-                raise SystemExit("The 'Search metric charts' box did not appear.")
+                raise SystemExit("The Model metrics tab did not load.")
             time.sleep(1)
         tools.evaluate(_CLOSE_ASSISTANT)
-        time.sleep(wait_s)  # charts load their metric histories lazily
-        tools.evaluate(_TYPE_FILTER % json.dumps(text))
+        time.sleep(3)
+        while not tools.evaluate(_SCROLL_TO_GROUP % json.dumps(group)):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"No chart group {group!r} on the Model metrics tab.")
+            time.sleep(1)
+        time.sleep(wait_s)  # charts load their metric histories when they come into view
+        deadline = time.monotonic() + 180  # on a busy machine, until the charts in view have drawn
+        while tools.evaluate(_PLOTS_DRAWN) < 4 and time.monotonic() < deadline:
+            time.sleep(2)
+        tools.evaluate(_SCROLL_TO_GROUP % json.dumps(group))
         time.sleep(2)
         data = tools.call("Page.captureScreenshot", format="png")["data"]
         return base64.b64decode(data)
@@ -161,9 +171,9 @@ def main() -> None:
     parser.add_argument("--store", default="mlflow.db", help="sqlite file written by the example")
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_ui.png"))
-    parser.add_argument("--window", default="1400,1000")
+    parser.add_argument("--window", default="1400,1400")
     parser.add_argument("--wait-ms", type=int, default=15000, help="time for the charts to render")
-    parser.add_argument("--filter", default="sparsity/", help="typed into the 'Search metric charts' box")
+    parser.add_argument("--group", default="sparsity", help="the chart group scrolled to the top")
     options = parser.parse_args()
 
     store_uri = f"sqlite:///{os.path.abspath(options.store)}"
@@ -213,10 +223,10 @@ def main() -> None:
                 time.sleep(0.5)
         url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
         width, height = (int(v) for v in options.window.split(","))
-        png = _capture(chromium, url, width, height, options.filter, options.wait_ms / 1000)
+        png = _capture(chromium, url, width, height, options.group, options.wait_ms / 1000)
         with open(options.out, "wb") as f:
             f.write(png)
-        print(f"{options.out}: {url} filtered on {options.filter!r} ({len(png) / 1024:.0f} KB)")
+        print(f"{options.out}: {url} scrolled to the group {options.group!r} ({len(png) / 1024:.0f} KB)")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

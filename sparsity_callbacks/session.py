@@ -190,7 +190,7 @@ class _SparsitySession:
             return
         tag, message = _charts_location(self.sink.tracking_uri, self.sink.experiment_id, run_id)
         self.sink.set_tags({"sparsity.charts": tag})
-        print(message, flush=True)
+        print(f"\n{message}", flush=True)  # on a line of its own, after the trainer's progress bar
 
     def _open_sink(self) -> None:
         if not (self.config.log_to_mlflow and self.is_rank_zero):
