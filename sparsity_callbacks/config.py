@@ -47,7 +47,7 @@ class SparsityConfig:
         include: regular expressions (``re.search``) on parameter names; if given, only matching
             parameters are tracked.
         exclude: regular expressions on parameter names never tracked.
-        per_tensor_metrics: also log ``sparsity/tensor/<name>/changed_fraction`` (off: long runs stay small).
+        per_tensor_metrics: also log ``sparsity/changed_fraction_by_tensor/<name>`` (off: long runs stay small).
         track_churn: keep a fingerprint of the previous measurement to report churn (costs
             ``fingerprint_bits`` more per element on the device).
         chunk_numel: elements compared at once; bounds the extra device memory of ``exact`` mode to
