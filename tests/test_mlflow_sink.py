@@ -426,3 +426,21 @@ def test_close_gives_up_after_one_failed_attempt_when_the_server_is_down(tmp_pat
         took = time.monotonic() - started
     assert took < 5.0, took
     assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1
+
+
+def test_charts_location_for_each_kind_of_tracking_uri(tmp_path, monkeypatch):
+    from sparsity_callbacks.sinks.mlflow import _charts_location
+
+    monkeypatch.chdir(tmp_path)
+    page = "#/experiments/7/runs/abc/model-metrics"
+    tag, message = _charts_location("http://host:5000/", "7", "abc")
+    assert tag == f"http://host:5000/{page}" and tag in message
+    tag, message = _charts_location("sqlite:///mlflow.db", "7", "abc")  # relative: made absolute
+    command = f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tag == f"{command}  # then open http://127.0.0.1:5000/{page}" and command in message
+    tag, _ = _charts_location("file:///data/mlruns", "7", "abc")
+    assert tag.startswith("mlflow ui --backend-store-uri /data/mlruns  #")
+    tag, _ = _charts_location("mlruns", None, "abc")  # no experiment known: the run's own address
+    assert tag == f"mlflow ui --backend-store-uri {tmp_path / 'mlruns'}  # then open http://127.0.0.1:5000/#/runs/abc"
+    tag, message = _charts_location("databricks", "7", "abc")
+    assert tag == "run abc at databricks, tab Model metrics" and "sparsity/changed_fraction_by_layer" in message

@@ -812,7 +812,7 @@ def _charts_location(tracking_uri: str | None, experiment_id: str | None, run_id
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
         command = f"mlflow ui --backend-store-uri sqlite:///{os.path.abspath(path)}"
-    elif uri.startswith("file:") or "://" not in uri:
+    elif uri.startswith("file:") or ("://" not in uri and uri not in ("databricks", "databricks-uc", "uc")):
         path = uri[len("file://") :] if uri.startswith("file://") else uri.removeprefix("file:")
         command = f"mlflow ui --backend-store-uri {os.path.abspath(path or 'mlruns')}"
     if command is None:
