@@ -25,6 +25,30 @@ _log = logging.getLogger("sparsity_callbacks")
 
 TRACKER_FILE = "sparsity_tracker.safetensors"
 FREEZE_MASK_FILE = "sparsity_freeze_mask.safetensors"
+#: the MLflow run of the training, beside the tracker state: a resumed training logs into the same run.
+MLFLOW_RUN_FILE = "sparsity_mlflow_run.json"
+
+
+def _saved_run(directory: str | None) -> dict[str, Any] | None:
+    """``{"run_id", "tracking_uri", "owns_run"}`` saved in a checkpoint folder, or None (none, or unreadable:
+    the resumed training then logs into a new run, which is no reason to stop it)."""
+    if not directory:
+        return None
+    path = os.path.join(directory, MLFLOW_RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        warnings.warn(
+            f"Ignoring {path!r} ({type(err).__name__}: {err}); the resumed training logs into a new run.", stacklevel=3
+        )
+        return None
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), str) for k in ("run_id", "tracking_uri"))):
+        warnings.warn(f"Ignoring {path!r}: it does not hold a run id and tracking URI.", stacklevel=3)
+        return None
+    return saved
 
 
 def _state_file(directory: str, tracker: SparsityTracker) -> str:
@@ -37,6 +61,40 @@ def _state_file(directory: str, tracker: SparsityTracker) -> str:
         stem, ext = os.path.splitext(TRACKER_FILE)
         return os.path.join(directory, f"{stem}.rank{rank}{ext}")
     return os.path.join(directory, TRACKER_FILE)
+
+
+def _still_running(saved: dict[str, Any] | None, uri: str) -> bool:
+    """True when ``saved`` names a run under ``uri`` whose status is still RUNNING: its training was killed
+    (a training that ended finished its run; resuming from one of its checkpoints starts a new training and
+    a new run). Never waits for a server that does not answer its probe."""
+    if saved is None or saved["tracking_uri"] != uri:
+        return False
+    from sparsity_callbacks.sinks.mlflow import _PROBE_TIMEOUT_S, _is_http, _probe
+
+    if _is_http(uri) and not _probe(uri, _PROBE_TIMEOUT_S):
+        return False
+    try:
+        from mlflow import MlflowClient
+
+        return MlflowClient(uri).get_run(saved["run_id"]).info.status == "RUNNING"
+    except Exception as err:  # gone, or a store that fails: log into a new run
+        _log.info("sparsity_callbacks: not resuming MLflow run %s (%s: %s)", saved["run_id"], type(err).__name__, err)
+        return False
+
+
+def _fresh_run_replaceable(fresh_run_id: str, saved: dict[str, Any] | None, uri: str) -> bool:
+    """True when a framework's run ``fresh_run_id``, just opened for a resumed training, should give way to
+    the checkpoint's run ``saved``: that one is still RUNNING (its training was killed) and the fresh one
+    holds no metric yet. The adapter then points the framework back at the saved run and marks the fresh
+    one deleted (MLflow's soft delete, restorable), so one training keeps one run."""
+    if saved is None or fresh_run_id == saved["run_id"] or not _still_running(saved, uri):
+        return False
+    from mlflow import MlflowClient
+
+    try:
+        return not MlflowClient(uri).get_run(fresh_run_id).data.metrics
+    except Exception:
+        return False
 
 
 class _SparsitySession:
@@ -104,7 +162,7 @@ class _SparsitySession:
                 )
             self.tracker.snapshot()
         self._last_step = step
-        self._open_sink()
+        self._open_sink(_saved_run(resume_dir) if self.is_rank_zero else None)
         self._start_freeze(resume_dir)
 
     def on_optimizer_step(self, step: int, *, last: bool = False) -> Measurement | None:
@@ -139,6 +197,11 @@ class _SparsitySession:
             self.tracker.save(_state_file(directory, self.tracker))
         if self.freezer is not None and self.is_rank_zero:
             self._freeze_mask.save(os.path.join(directory, FREEZE_MASK_FILE))
+        run_id = self.sink.wait_for_run_id(self.config.mlflow_end_timeout_s) if self.sink is not None else None
+        if run_id is not None:
+            saved = {"run_id": run_id, "tracking_uri": self.sink.tracking_uri, "owns_run": self.sink.owns_run}
+            with open(os.path.join(directory, MLFLOW_RUN_FILE), "w", encoding="utf-8") as handle:
+                json.dump(saved, handle)
 
     def end(self, step: int) -> Measurement | None:
         """Train end: a final measurement (unless this step was just measured), artifacts, flush."""
@@ -192,14 +255,29 @@ class _SparsitySession:
         self.sink.set_tags({"sparsity.charts": tag})
         print(f"\n{message}", flush=True)  # on a line of its own, after the trainer's progress bar
 
-    def _open_sink(self) -> None:
+    def _open_sink(self, saved: dict[str, Any] | None = None) -> None:
+        """Open the sink. ``saved``: the run of the checkpoint being resumed (`_saved_run`): logged into again
+        (one run per training, also after a crash) unless a run was given explicitly or it lives under
+        another tracking URI than this training's; a run the sink had created is finished at the end."""
         if not (self.config.log_to_mlflow and self.is_rank_zero):
             return
         try:
+            import mlflow
+
             from sparsity_callbacks.sinks.mlflow import MLflowSink
 
+            run_id, finish = self._run_id, False
+            uri = self._tracking_uri or mlflow.get_tracking_uri()
+            # A framework's run (HF's active run, Lightning's MLFlowLogger) wins: the adapters already moved it
+            # back to the saved run where they could, so that the framework's own metrics continue there too.
+            if run_id is None and mlflow.active_run() is None and _still_running(saved, uri):
+                run_id, finish = saved["run_id"], bool(saved.get("owns_run"))
+                _log.info("sparsity_callbacks: resuming into MLflow run %s (saved with the checkpoint)", run_id)
             self.sink = MLflowSink(
-                run_id=self._run_id, tracking_uri=self._tracking_uri, experiment=self.config.mlflow_experiment
+                run_id=run_id,
+                tracking_uri=self._tracking_uri,
+                experiment=self.config.mlflow_experiment,
+                finish_run=finish,
             )
         except ImportError as err:
             warnings.warn(

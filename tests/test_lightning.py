@@ -486,6 +486,65 @@ def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
         assert torch.equal(param.detach()[frozen].view(torch.int16), expected), name
 
 
+_KILLED_FIT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from test_lightning import LitLM, _data, _trainer
+from sparsity_callbacks.integrations.lightning import SparsityCallback
+
+sparsity = SparsityCallback(mode="exact", every_n_steps=1)
+
+class KillAtStep3(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            sparsity.session.sink.flush(60)  # what was measured reached MLflow; then die like a crash
+            os.kill(os.getpid(), signal.SIGKILL)
+
+logger = MLFlowLogger(experiment_name="crash", tracking_uri={uri!r}) if {with_logger!r} else False
+checkpoint = ModelCheckpoint(dirpath={ckpt!r}, every_n_train_steps=2, save_top_k=-1)
+callbacks = [sparsity, KillAtStep3(), checkpoint]
+trainer = _trainer({root!r}, callbacks, max_steps=6, logger=logger, enable_checkpointing=True)
+trainer.fit(LitLM(seed=0), _data(6))
+"""
+
+
+@pytest.mark.parametrize("with_logger", [True, False], ids=["mlflow_logger", "own_run"])
+def test_resume_after_sigkill_continues_in_the_same_mlflow_run(tmp_path, mlflow_local, monkeypatch, with_logger):
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    ckpt_dir = tmp_path / "ckpt"
+    script = _KILLED_FIT.format(
+        tests=os.path.dirname(os.path.abspath(__file__)),
+        uri=mlflow_local,
+        ckpt=str(ckpt_dir),
+        root=str(tmp_path),
+        with_logger=with_logger,
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local, "PYTHONPATH": repo}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    client = MlflowClient(mlflow_local)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (crashed,) = client.search_runs(experiments)
+    assert crashed.info.status == "RUNNING"  # nobody finished it
+
+    callback = SparsityCallback(mode="exact", every_n_steps=1)
+    logger = MLFlowLogger(experiment_name="crash", tracking_uri=mlflow_local) if with_logger else False
+    trainer = _trainer(tmp_path, [callback], max_steps=6, logger=logger)
+    trainer.fit(LitLM(seed=0), _data(6), ckpt_path=str(ckpt_dir / "epoch=0-step=2.ckpt"))
+
+    (run,) = client.search_runs(experiments)  # one run for the whole training
+    assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
+    assert {s for s, _ in _metric_steps(client, run.info.run_id)} == {1, 2, 3, 4, 5, 6}
+    deleted = client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)
+    assert len(deleted) == (1 if with_logger else 0)  # the empty run the new MLFlowLogger opened
+
+
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

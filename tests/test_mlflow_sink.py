@@ -444,3 +444,26 @@ def test_charts_location_for_each_kind_of_tracking_uri(tmp_path, monkeypatch):
     assert tag == f"mlflow ui --backend-store-uri {tmp_path / 'mlruns'}  # then open http://127.0.0.1:5000/#/runs/abc"
     tag, message = _charts_location("databricks", "7", "abc")
     assert tag == "run abc at databricks, tab Model metrics" and "sparsity/changed_fraction_by_layer" in message
+
+
+def test_a_half_created_sqlite_store_is_called_broken_not_unreachable(tmp_path):
+    """A process killed while MLflow created its sqlite tables leaves a store that fails every request: the
+    warning names the store and the error and says what to do, instead of calling it "unreachable"."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as connection:  # one table of many, as a killed table creation leaves it
+        connection.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name VARCHAR(256))")
+    sink = MLflowSink(tracking_uri=f"sqlite:///{db}", retry_interval_s=0.2, fallback_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        sink.log_metrics(_metrics(0), step=0)
+        deadline = time.monotonic() + 60
+        while not [w for w in records if issubclass(w.category, MLflowSinkWarning)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            sink.log_metrics(_metrics(1), step=1)
+        sink.close(timeout=2.0)
+    messages = [str(w.message) for w in records if issubclass(w.category, MLflowSinkWarning)]
+    (broken,) = [m for m in messages if "buffered" in m]
+    assert f"tracking store at sqlite:///{db} fails" in broken and "half-created" in broken
+    assert "unreachable" not in broken

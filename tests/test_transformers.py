@@ -653,3 +653,59 @@ def test_train_end_wait_is_bounded_when_mlflow_is_down_from_the_start(tmp_path, 
     assert after.at_end - before.at_end < 3.0 + 2.0, after.at_end - before.at_end
     assert any("unreachable" in str(w.message) for w in records), [str(w.message)[:80] for w in records]
     assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1
+
+
+_KILLED_TRAINING = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_transformers import _args, _lm_dataset
+from helpers import tiny_llama
+from transformers import Trainer, TrainerCallback
+from sparsity_callbacks import SparsityCallback
+
+sparsity = SparsityCallback()
+
+class KillAtStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            sparsity.session.sink.flush(60)  # what was measured so far reached MLflow; then die like a crash
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = _args({out!r}, max_steps=6, save_strategy="steps", save_steps=2, report_to={report!r})
+Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[sparsity, KillAtStep3()]).train()
+"""
+
+
+@pytest.mark.parametrize("report_to", ["none", "mlflow"])
+def test_resume_after_sigkill_continues_in_the_same_mlflow_run(mlflow_local, tmp_path, report_to):
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.entities import ViewType
+
+    out = tmp_path / "out"
+    script = _KILLED_TRAINING.format(tests=os.path.dirname(__file__), out=str(out), report=report_to)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local, "PYTHONPATH": repo}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    client = MlflowClient(mlflow_local)
+    (crashed,) = _all_runs(client)
+    assert crashed.info.status == "RUNNING"  # nobody finished it
+
+    resumed = SparsityCallback()
+    args = _args(out, max_steps=6, save_strategy="steps", save_steps=2, report_to=report_to)
+    Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[resumed]).train(
+        resume_from_checkpoint=str(out / "checkpoint-2")
+    )
+
+    (run,) = _all_runs(client)  # one run for the whole training
+    assert run.info.run_id == crashed.info.run_id == resumed.run_id
+    assert run.info.status == "FINISHED"
+    steps = {s for s, _ in _history(client, run.info.run_id, "sparsity/changed_fraction")}
+    assert steps == {1, 2, 3, 4, 5, 6}
+    if report_to == "mlflow":  # HF's own loss continues in it too; the empty run HF opened on resume is deleted
+        assert {s for s, _ in _history(client, run.info.run_id, "loss")} >= {1, 2, 3, 4, 5, 6}
+        (extra,) = client.search_runs([run.info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+        assert not extra.data.metrics

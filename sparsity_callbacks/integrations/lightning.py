@@ -6,6 +6,7 @@ A thin adapter: Lightning's events are mapped onto `_SparsitySession` (``start``
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -15,7 +16,9 @@ from typing_extensions import override
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
-from sparsity_callbacks.session import TRACKER_FILE, _SparsitySession
+from sparsity_callbacks.session import TRACKER_FILE, _fresh_run_replaceable, _saved_run, _SparsitySession
+
+_log = logging.getLogger("sparsity_callbacks")
 
 try:
     import lightning.pytorch as pl
@@ -115,6 +118,8 @@ class SparsityCallback(pl.Callback):
         self._close()
         step = trainer.global_step
         resume_dir = self._resume_dir(trainer, step)
+        if resume_dir and trainer.is_global_zero and self.config.log_to_mlflow and not self.config.mlflow_run_id:
+            _continue_saved_run(trainer, _saved_run(resume_dir))
         run_id, tracking_uri = _mlflow_logger_run(trainer) if trainer.is_global_zero else (None, None)
         self._session = _SparsitySession(
             self.config,
@@ -287,6 +292,28 @@ def _headline(measurement: Measurement) -> dict[str, float]:
 
 def _is_mlflow_logger(logger: Any) -> bool:
     return isinstance(logger, pl.loggers.MLFlowLogger)
+
+
+def _continue_saved_run(trainer: pl.Trainer, saved: dict[str, Any] | None) -> None:
+    """Resuming after a crash: an ``MLFlowLogger`` of the new process opened a new run; when the checkpoint's
+    run is still RUNNING and the new one holds no metric yet, point the logger back at the saved run (its
+    ``_run_id``: ``MLFlowLogger(run_id=...)`` does the same when set by hand) and mark the new run deleted
+    (MLflow's soft delete), so Lightning's metrics and ours continue in the one run of this training."""
+    for logger in trainer.loggers:
+        if not _is_mlflow_logger(logger):
+            continue
+        fresh = logger.run_id
+        uri = getattr(logger, "_tracking_uri", None) or logger.experiment.tracking_uri
+        if fresh and hasattr(logger, "_run_id") and _fresh_run_replaceable(fresh, saved, uri):
+            logger.experiment.delete_run(fresh)
+            logger._run_id = saved["run_id"]
+            _log.info(
+                "sparsity_callbacks: resumed training continues in MLflow run %s; the run %s that MLFlowLogger "
+                "opened for it was empty and is marked deleted.",
+                saved["run_id"],
+                fresh,
+            )
+        return
 
 
 def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:

@@ -35,7 +35,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
-from sparsity_callbacks.session import TRACKER_FILE, _SparsitySession
+from sparsity_callbacks.session import TRACKER_FILE, _fresh_run_replaceable, _saved_run, _SparsitySession
 
 _log = logging.getLogger("sparsity_callbacks")
 
@@ -127,6 +127,9 @@ class SparsityCallback(TrainerCallback):
         model = _unwrap_model(model)
         step = int(state.global_step)
         self.run_id = None
+        resume_dir = _resume_dir(args, state) if step > 0 else None
+        if resume_dir and state.is_world_process_zero and self.config.log_to_mlflow and not self.config.mlflow_run_id:
+            _continue_saved_run(_saved_run(resume_dir), self.config.mlflow_tracking_uri)
         self.session = _SparsitySession(
             self.config,
             is_rank_zero=bool(state.is_world_process_zero),
@@ -134,7 +137,7 @@ class SparsityCallback(TrainerCallback):
             extra_params=_describe_tracked(model),
             clips_grad_norm=bool(args.max_grad_norm) and args.max_grad_norm > 0,
         )
-        self.session.start(model, [optimizer], step, _resume_dir(args, state) if step > 0 else None)
+        self.session.start(model, [optimizer], step, resume_dir)
         self._headline, self._headline_step = {}, None
         self._install_relays(_calling_handler(self))
 
@@ -315,6 +318,59 @@ def _logging_interval(args: TrainingArguments, state: TrainerState) -> int:
     if steps is not None and 0 < steps < 1:
         steps = math.ceil(max(1, state.max_steps) * steps)
     return max(1, int(steps or 1))
+
+
+def _running_trainer() -> Any:
+    """The `Trainer` whose ``_inner_training_loop`` is on the call stack (transformers does not hand it to
+    callbacks), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop":
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
+def _continue_saved_run(saved: dict[str, Any] | None, tracking_uri: str | None) -> None:
+    """Resuming after a crash with HF's ``MLflowCallback``: it has just opened a new run for this ``train()``;
+    when the checkpoint's run (``saved``) is still RUNNING (its training was killed), close the new one and
+    make the saved run the active run again, so HF's own metrics and ours continue in the
+    one run of this training.
+
+    Only a run that ``MLflowCallback`` opened itself (its ``_auto_end_run``) and that holds no metric yet is
+    replaced: it is ended and marked deleted (MLflow's soft delete, restorable with ``mlflow runs restore``;
+    it holds only the params HF logged at setup, which the original run has too). HF then ends the original
+    run at train end. A run the user opened, a server that does not answer, or a saved run that does not
+    exist leave everything as it is (our metrics then go into the active run).
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if saved is None or active is None or active.info.run_id == saved["run_id"]:
+        return
+    uri = mlflow.get_tracking_uri()
+    if (tracking_uri or uri) != uri:
+        return
+    trainer = _running_trainer()
+    handler = getattr(trainer, "callback_handler", None)
+    if not any(
+        type(cb).__name__ == "MLflowCallback" and getattr(cb, "_auto_end_run", False)
+        for cb in getattr(handler, "callbacks", ())
+    ):
+        return
+    if not _fresh_run_replaceable(active.info.run_id, saved, uri):
+        return
+    from mlflow import MlflowClient
+
+    mlflow.end_run()
+    MlflowClient(uri).delete_run(active.info.run_id)
+    mlflow.start_run(run_id=saved["run_id"])
+    _log.info(
+        "sparsity_callbacks: resumed training continues in MLflow run %s; the run %s that MLflowCallback opened "
+        "for it was empty and is marked deleted.",
+        saved["run_id"],
+        active.info.run_id,
+    )
 
 
 def _resume_dir(args: TrainingArguments, state: TrainerState) -> str | None:

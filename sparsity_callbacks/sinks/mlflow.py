@@ -63,6 +63,8 @@ _JOIN_GRACE_S = 2.0
 _FALLBACK_VERSION = 1
 #: HTTP statuses that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_STATUSES = frozenset({408, 429})
+#: statuses of a proxy or gateway whose tracking server behind it does not answer.
+_GATEWAY = frozenset({502, 503, 504})
 
 
 class MLflowSinkWarning(UserWarning):
@@ -130,6 +132,27 @@ def _is_refusal(err: BaseException) -> bool:
         return False
     status = _http_status(err)
     return status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUSES
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """True for errors that mean "no answer" (refused, reset, timed out), also when MLflow wrapped them."""
+    import requests
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+            return True
+        if any(word in str(err) for word in ("Max retries exceeded", "Connection refused", "timed out")):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _describe(err: BaseException | None) -> str:
+    """``Type: first 300 characters of the message`` on one line."""
+    if err is None:
+        return "no error recorded"
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 def _probe(uri: str, timeout: float) -> bool:
@@ -233,6 +256,8 @@ class MLflowSink:
             after each failure, up to ``10 * retry_interval_s``).
         fallback_dir: folder for the JSON-lines file of undelivered data written by `close` (default: the
             current directory).
+        finish_run: with ``run_id``: the run was created for this training by an earlier sink (a training
+            resumed after a crash); `close` terminates it (FINISHED) as if the sink had created it.
     """
 
     def __init__(
@@ -245,6 +270,7 @@ class MLflowSink:
         enabled: bool = True,
         retry_interval_s: float = 2.0,
         fallback_dir: str | None = None,
+        finish_run: bool = False,
     ) -> None:
         for name, value in (
             ("run_id", run_id),
@@ -255,6 +281,8 @@ class MLflowSink:
         ):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"`{name}` must be a string or None, got {value!r}.")
+        if not isinstance(finish_run, bool) or (finish_run and run_id is None):
+            raise ValueError(f"`finish_run` must be True (only with `run_id`) or False, got {finish_run!r}.")
         if not isinstance(enabled, bool):
             raise ValueError(f"`enabled` must be True or False, got {enabled!r}.")
         if (
@@ -267,6 +295,7 @@ class MLflowSink:
             _require_mlflow()
         self._enabled = enabled
         self._explicit_run_id = run_id
+        self._finish_run = finish_run
         self._explicit_uri = tracking_uri
         self._experiment = experiment
         self._run_name = run_name
@@ -301,6 +330,7 @@ class MLflowSink:
         self._outage = False
         self._outage_warned = False
         self._outage_since = 0.0
+        self._outage_error: BaseException | None = None
         self._refusal_notes: list[str] = []
         self._refusal_seen: set[str] = set()
         self._renamed: dict[str, str] = {}
@@ -320,17 +350,26 @@ class MLflowSink:
         return self._uri
 
     @property
+    def owns_run(self) -> bool:
+        """True when the sink created (or was told to finish) its run and terminates it at `close`."""
+        return self._owns_run
+
+    @property
     def run_id(self) -> str | None:
         """Id of the run the sink logs into; resolves it on first access. None when disabled, or while a
         run the sink has to create could not be created yet because the server is unreachable (waits for
-        the worker's first attempt)."""
+        the worker's first attempt, at most 60 s)."""
+        return self.wait_for_run_id(60.0)
+
+    def wait_for_run_id(self, timeout: float) -> str | None:
+        """`run_id`, waiting at most ``timeout`` s for a run the sink creates."""
         if not self._enabled:
             return None
         self._resolve()
         if self._run_id is None and self._owns_run:
             self._ensure_worker()
             with self._cond:
-                self._cond.wait_for(lambda: self._run_id is not None or self._create_attempted or self._stop, 60.0)
+                self._cond.wait_for(lambda: self._run_id is not None or self._create_attempted or self._stop, timeout)
         return self._run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -499,6 +538,7 @@ class MLflowSink:
         self._uri = self._explicit_uri or current_uri
         if self._explicit_run_id is not None:
             self._run_id = self._explicit_run_id
+            self._owns_run = self._finish_run
         else:
             active = mlflow.active_run()
             if active is not None and (self._explicit_uri is None or self._explicit_uri == current_uri):
@@ -548,7 +588,7 @@ class MLflowSink:
             n_buffered = sum(len(e.payload) for e in self._pending if e.kind == "metrics")
         if outage:
             warnings.warn(
-                f"MLflowSink: the MLflow tracking server at {self._uri} is unreachable; metrics are buffered "
+                f"MLflowSink: {self._outage_cause()}; metrics are buffered "
                 f"in memory ({n_buffered} values so far) and retried every {self._retry_interval_s:g} s or more. "
                 "Training continues; nothing is lost (undelivered data is written to a fallback file at close).",
                 MLflowSinkWarning,
@@ -556,6 +596,26 @@ class MLflowSink:
             )
         for note in notes:
             warnings.warn(note, MLflowSinkWarning, stacklevel=3)
+
+    def _outage_cause(self) -> str:
+        """What the outage is: a server that does not answer, a server that answers with errors, or a local
+        store (sqlite, file) that fails -- e.g. a database whose tables were half-created by a process killed
+        while MLflow created them, which no retry repairs."""
+        err = self._outage_error
+        if _is_http(self._uri):
+            if (
+                err is None
+                or isinstance(err, _Unreachable)
+                or _is_connection_error(err)
+                or _http_status(err) in _GATEWAY
+            ):
+                return f"the MLflow tracking server at {self._uri} is unreachable"
+            return f"the MLflow tracking server at {self._uri} answers but fails requests ({_describe(err)})"
+        return (
+            f"the MLflow tracking store at {self._uri} fails ({_describe(err)}). HINT: a store that a killed process "
+            "left half-created stays broken: move it away (MLflow creates a new one) or set mlflow_tracking_uri / "
+            "MLFLOW_TRACKING_URI to another store, then replay the fallback file"
+        )
 
     def _stage(self, local_path: str) -> str:
         if self._staging is None:
@@ -723,6 +783,7 @@ class MLflowSink:
     def _on_outage(self, err: BaseException) -> None:
         with self._cond:
             if not self._outage:
+                self._outage_error = err
                 self._outage = True
                 self._outage_since = time.monotonic()
                 _log.debug("MLflowSink: delivery failed, will retry: %r", err)
