@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparsity_callbacks.diff import IncompatibleCheckpointsError
 
     try:
+        _check_output_folders(args)
         return int(args.func(args) or 0)
     except (_UsageError, IncompatibleCheckpointsError, FileNotFoundError) as err:
         _error(args.command, err)
@@ -651,10 +652,11 @@ def _load_report_source(source: str):
     """``(kind, Measurement, extra lines)`` from a mask file, a report JSON, a run id or a runs:/ URI."""
     from sparsity_callbacks.masks import Mask
 
+    if os.path.isdir(source):
+        raise FileNotFoundError(f"{source!r} is a folder; `report` reads a mask file, a report JSON or an MLflow run.")
     if os.path.exists(source):
         if source.endswith(".json"):
-            with open(source, encoding="utf-8") as handle:
-                return _from_report_json(json.load(handle), source)
+            return _from_report_json(_read_json(source), source)
         return _from_mask(Mask.load(source))
     run_uri = None
     if _RUN_ID.match(source):
@@ -690,6 +692,16 @@ def _load_report_source(source: str):
         ) from None
 
 
+def _read_json(path: str) -> Any:
+    """``json.load`` of ``path`` with the file named in every error (bad JSON, nesting too deep, not UTF-8)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ValueError(f"{path!r} is not a valid JSON report ({reason}).") from None
+
+
 def _download_json(uri: str) -> dict:
     import mlflow
 
@@ -701,8 +713,7 @@ def _download_json(uri: str) -> dict:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except Exception as err:
             raise FileNotFoundError(f"cannot download {uri} ({type(err).__name__}: {err})") from None
-        with open(local, encoding="utf-8") as handle:
-            return json.load(handle)
+        return _read_json(local)
 
 
 def _from_mask(mask):
@@ -714,7 +725,7 @@ def _from_mask(mask):
 
 
 def _from_report_json(data: Any, source: str):
-    from sparsity_callbacks.measurement import Measurement, TensorCounts
+    from sparsity_callbacks.measurement import Measurement
 
     found = _find_tensors(data)
     if found is None:
@@ -722,22 +733,17 @@ def _from_report_json(data: Any, source: str):
             f"{source} is not a sparsity report: it has no `tensors` table. HINT: pass a file "
             "written by `diff --json` or a run's sparsity/report.json."
         )
-    try:
-        tensors = {
-            n: TensorCounts(
-                int(r["numel"]), int(r.get("changed", 0)), int(r.get("ever_changed", 0)), int(r.get("churn", 0))
-            )
-            for n, r in found["tensors"].items()
-        }
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{source}: malformed `tensors` table ({type(err).__name__}: {err}).") from None
+    tensors = {n: _tensor_counts(n, r, source) for n, r in found["tensors"].items()}
+    probability = found.get("changed_miss_probability") or 0.0
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise ValueError(f"{source}: `changed_miss_probability` must be a probability in [0, 1], got {probability!r}.")
     kind = "diff report" if found.get("kind") == "sparsity_callbacks.diff" else "training report"
     m = Measurement(
         found.get("step"),
         str(found.get("mode", "exact")),
         tensors,
         has_churn=False,
-        changed_miss_probability=float(found.get("changed_miss_probability") or 0.0),
+        changed_miss_probability=float(probability),
     )
     extra = []
     if kind == "diff report":
@@ -750,12 +756,36 @@ def _from_report_json(data: Any, source: str):
     return kind, m, extra
 
 
-def _find_tensors(data: Any) -> dict | None:
-    if isinstance(data, dict):
+def _tensor_counts(name: str, row: Any, source: str):
+    """One row of a report's ``tensors`` table as `TensorCounts`; counts must be integers with
+    0 <= count <= numel, else `ValueError` naming the tensor and the field."""
+    from sparsity_callbacks.measurement import TensorCounts
+
+    if not isinstance(row, dict) or "numel" not in row:
+        raise ValueError(
+            f"{source}: tensor {name!r} of the `tensors` table is not an object with a `numel`: {row!r:.80}."
+        )
+    counts = {}
+    for key in ("numel", "changed", "ever_changed", "churn"):
+        value = row.get(key, 0)
+        limit = counts.get("numel", 2**62)
+        if type(value) is not int or not 0 <= value <= limit:
+            raise ValueError(
+                f"{source}: tensor {name!r} has {key}={value!r:.40}; counts must be integers from 0 to "
+                f"{'numel' if key != 'numel' else '2^62'} ({limit if key != 'numel' else 2**62}). HINT: pass a file "
+                "written by `diff --json` or a run's sparsity/report.json, unedited."
+            )
+        counts[key] = value
+    return TensorCounts(counts["numel"], counts["changed"], counts["ever_changed"], counts["churn"])
+
+
+def _find_tensors(data: Any, depth: int = 0) -> dict | None:
+    """The object holding the ``tensors`` table (the report itself, or nested up to 8 levels down)."""
+    if isinstance(data, dict) and depth <= 8:
         if isinstance(data.get("tensors"), dict):
             return data
         for value in data.values():
-            found = _find_tensors(value)
+            found = _find_tensors(value, depth + 1)
             if found is not None:
                 return found
     return None
@@ -794,13 +824,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _check_output_folders(args: argparse.Namespace) -> None:
+    """Before any work: every output file (``--json``, ``--mask``, ``--png``) must go into a folder that
+    exists (no folders are created: a typo must not leave a tree behind) and must not be a folder."""
+    for option in ("json", "mask", "png"):
+        path = getattr(args, option, None)
+        if not isinstance(path, str) or path == "-":
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise _UsageError(f"--{option} {path!r}: the folder {folder!r} does not exist. HINT: create it first.")
+        if os.path.isdir(path):
+            raise _UsageError(f"--{option} {path!r} is a folder; give a file name.")
+
+
 def _write_json(data: Mapping[str, Any], path: str) -> None:
     text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
     if path == "-":
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
 

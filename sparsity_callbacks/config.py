@@ -69,6 +69,9 @@ class SparsityConfig:
             their trainable elements, so optimizer state and step work scale with the mask's density. The
             weights are bit-identical to dense freezing (``False``), which other optimizers (Adafactor, Muon,
             LBFGS, ``fused=True`` on the CPU, unknown classes) keep using, with a note saying why.
+        allow_unsigned_mask: freeze to a mask file whose tensors carry no reference-weight signatures (made by
+            hand, or with its ``signatures`` removed), which cannot be checked against this model's base weights.
+            Off: such a mask is refused.
         log_to_mlflow: log metrics, params and artifacts to MLflow.
         log_artifacts: at the end, log the mask, ``report.json`` and the plots as artifacts.
         mlflow_experiment: experiment name for a run we start ourselves.
@@ -95,6 +98,7 @@ class SparsityConfig:
     freeze_mask: str | None = None
     freeze_after_steps: int | None = None
     mask_density_cap: float | None = None
+    allow_unsigned_mask: bool = False
     compact_optimizer_state: bool = True
     log_to_mlflow: bool = True
     log_artifacts: bool = True
@@ -144,7 +148,14 @@ class SparsityConfig:
                     raise ValueError(
                         f"`{name}` pattern {pattern!r} is not a valid regular expression: {err}."
                     ) from None
-        for name in ("per_tensor_metrics", "track_churn", "compact_optimizer_state", "log_to_mlflow", "log_artifacts"):
+        for name in (
+            "per_tensor_metrics",
+            "track_churn",
+            "allow_unsigned_mask",
+            "compact_optimizer_state",
+            "log_to_mlflow",
+            "log_artifacts",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
         if self.compile is not None and not isinstance(self.compile, bool):

@@ -490,6 +490,7 @@ class MaskFreezer:
                 if entry.param.grad is not None and layout.kind != "zero3":  # freezing between backward and step
                     frozen_entry.zero_frozen(entry.param.grad)
             self._entries[id(entry.param)] = frozen_entry
+        _refuse_sparse_gradients(model, self._entries)
         # Gradients. Unsharded parameters: autograd accumulates into them, a post-accumulate-grad hook masks
         # each gradient. FSDP2 / FSDP1: autograd accumulates into the unsharded parameters and the framework
         # reduce-scatters them into the local gradient shard during backward; the shards are masked at the end
@@ -837,6 +838,20 @@ def _handles(handles: Any) -> list[Any]:
     return handles if isinstance(handles, list) else [handles]
 
 
+def _refuse_sparse_gradients(model: torch.nn.Module, entries: dict[int, Any]) -> None:
+    """`ValueError` naming the module when a parameter with frozen elements gets sparse gradients
+    (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``): they cannot be masked element-wise."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+            if id(module.weight) in entries:
+                raise ValueError(
+                    f"`{module_name or type(model).__name__}` is an {type(module).__name__}(sparse=True) and its "
+                    "weight has frozen elements: sparse gradients cannot be masked element by element, so the "
+                    "freezer cannot keep them bit-identical. HINT: build it with sparse=False, or leave its weight "
+                    f"out of freezing (SparsityConfig(exclude=[{(module_name + '.weight')!r}]))."
+                )
+
+
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate/Lightning wrappers (``.optimizer`` / ``._optimizer``).
 
@@ -875,6 +890,14 @@ def _resolve_freeze_mask(config: SparsityConfig, tracker: Any) -> Mask:
     else:
         mask = Mask.load(source)
         mask.check_matches(tracker.shapes, tracker.signatures)
+        unsigned = [n for n in mask.names if not mask.signatures.get(n)]
+        if unsigned and not config.allow_unsigned_mask:
+            raise ValueError(
+                f"The mask {source!r} has no reference-weight signature for {len(unsigned)} of its {len(mask.names)} "
+                f"tensor(s) (e.g. {unsigned[:3]}), so nothing shows it was made for this model's base weights; a mask "
+                "of another base model would freeze the wrong elements. HINT: use a mask saved by the tracker or by "
+                "`sparsity-callbacks diff --mask`, or opt in with SparsityConfig(allow_unsigned_mask=True)."
+            )
     if config.mask_density_cap is not None:
         mask = _cap_density(mask, tracker, config.mask_density_cap)
     return mask

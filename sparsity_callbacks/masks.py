@@ -311,6 +311,9 @@ class Mask:
             return cls._load_uri(source)
         if not os.path.exists(source):
             raise FileNotFoundError(f"Mask file {source!r} does not exist.")
+        if not os.path.isfile(source):
+            kind = "folder" if os.path.isdir(source) else "special file (not a regular file)"
+            raise ValueError(f"{source!r} is a {kind}, not a mask file.")
         return cls._load_file(source)
 
     @classmethod
@@ -352,10 +355,16 @@ class Mask:
                         f"{path!r} is mask format version {metadata.get('version')!r}; this "
                         f"sparsity_callbacks reads version {_VERSION}. Upgrade the package."
                     )
-                shapes = {n: tuple(s) for n, s in json.loads(metadata["shapes"]).items()}
-                packed = {n: handle.get_tensor(n) for n in handle.keys()}
+                shapes = _checked_shapes(json.loads(metadata["shapes"]), path, hint)
                 signatures = json.loads(metadata.get("signatures", "{}"))
                 extra = json.loads(metadata.get("extra", "{}"))
+                if not isinstance(signatures, dict) or not all(isinstance(v, str) for v in signatures.values()):
+                    raise ValueError(f"Mask file {path!r} is corrupt: `signatures` is not a name -> text map. {hint}")
+                if not isinstance(extra, dict):
+                    raise ValueError(f"Mask file {path!r} is corrupt: `extra` metadata is not a JSON object. {hint}")
+                packed = {n: handle.get_tensor(n) for n in handle.keys()}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Mask file {path!r} has metadata that is not valid JSON ({err}). {hint}") from None
         except ValueError:
             raise
         except Exception as err:  # safetensors raises its own error types for corrupt headers/data
@@ -373,6 +382,19 @@ class Mask:
                     f"({packed[name].dtype}). {hint}"
                 )
         return cls._from_packed(packed, shapes, signatures, extra)
+
+
+def _checked_shapes(shapes: Any, path: str, hint: str) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` metadata of a mask file: names -> lists of non-negative ints, else `ValueError`."""
+    if not isinstance(shapes, dict):
+        raise ValueError(f"Mask file {path!r} is corrupt: its `shapes` metadata is not a JSON object. {hint}")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
+            raise ValueError(
+                f"Mask file {path!r} is corrupt: tensor {name!r} has shape {shape!r}; a shape is a list of "
+                f"non-negative integers. {hint}"
+            )
+    return {n: tuple(s) for n, s in shapes.items()}
 
 
 def check_matches(

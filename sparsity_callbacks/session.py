@@ -63,6 +63,20 @@ def _state_file(directory: str, tracker: SparsityTracker) -> str:
     return os.path.join(directory, TRACKER_FILE)
 
 
+def _refuse_two_loggers(callbacks: Any, me: Any) -> None:
+    """`ValueError` when a trainer's ``callbacks`` hold another callback of ``me``'s class that also logs to
+    MLflow: both would write different values under the same ``sparsity/...`` keys and params of one run
+    (MLflow refuses the second's params)."""
+    logging_ones = [c for c in callbacks if type(c) is type(me) and c.config.log_to_mlflow]
+    if len(logging_ones) > 1 and any(c is me for c in logging_ones):
+        raise ValueError(
+            f"{len(logging_ones)} {type(me).__name__}s that log to MLflow are attached to one trainer; they would "
+            "write different values under the same `sparsity/...` metric keys and params of one run. HINT: keep one "
+            "(it measures every tracked parameter; choose them with `include`/`exclude`), or pass "
+            "log_to_mlflow=False to the others."
+        )
+
+
 def _still_running(saved: dict[str, Any] | None, uri: str) -> bool:
     """True when ``saved`` names a run under ``uri`` whose status is still RUNNING: its training was killed
     (a training that ended finished its run; resuming from one of its checkpoints starts a new training and

@@ -561,3 +561,25 @@ def test_shape_change_after_freezing_is_refused_naming_the_parameter():
     model.weight.data = torch.zeros(4, 8)
     with pytest.raises(ValueError, match=r"Parameter 'weight' changed shape from \[8, 8\] to \[4, 8\]"):
         freezer.restore()
+
+
+def test_mask_without_signatures_is_refused_unless_opted_in(tmp_path):
+    """Removing `signatures` from a mask must not bypass the "other base weights" check: a mask of a
+    seed-1 model without signatures would otherwise freeze a seed-0 model."""
+    other = tiny_llama(seed=1)
+    Mask(dict(_random_mask(other).items())).save(tmp_path / "unsigned.safetensors")  # no signatures
+    tracker = _tracker(tiny_llama(seed=0))
+    config = SparsityConfig(freeze_mask=str(tmp_path / "unsigned.safetensors"))
+    with pytest.raises(ValueError, match=r"no reference-weight signature .*allow_unsigned_mask=True"):
+        _resolve_freeze_mask(config, tracker)
+    mask = _resolve_freeze_mask(config.replace(allow_unsigned_mask=True), tracker)  # the explicit opt-in
+    assert mask.names == _random_mask(other).names
+
+
+def test_sparse_embedding_with_frozen_elements_is_refused_at_attach():
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 4, sparse=True), torch.nn.Linear(4, 2))
+    mask = Mask({"0.weight": torch.rand(16, 4) < 0.5, "1.weight": torch.ones(2, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"`0` is an Embedding\(sparse=True\).*sparse=False.*exclude=\['0\.weight'\]"):
+        MaskFreezer(model, mask)
+    # a fully trainable sparse embedding needs no masking: accepted
+    MaskFreezer(model, Mask({"0.weight": torch.ones(16, 4, dtype=torch.bool), "1.weight": torch.rand(2, 4) < 0.5}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -284,3 +285,117 @@ def test_corrupt_tracker_state_is_refused_and_the_tracker_is_unchanged(tmp_path)
 def test_more_invalid_config_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SparsityConfig(**kwargs)
+
+
+# --- issue 14: files are checked, not trusted --------------------------------------------------------
+def _rewrite_mask_metadata(src, dst, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {n: handle.get_tensor(n) for n in handle.keys()}
+    metadata.update(changes)
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def test_mask_with_negative_or_malformed_shapes_is_refused(tmp_path):
+    import json
+
+    from sparsity_callbacks import Mask
+
+    Mask({"w": torch.ones(2, 8, dtype=torch.bool)}).save(tmp_path / "good.safetensors")
+    _rewrite_mask_metadata(
+        tmp_path / "good.safetensors", tmp_path / "neg.safetensors", shapes=json.dumps({"w": [-2, -8]})
+    )
+    with pytest.raises(ValueError, match=r"tensor 'w' has shape \[-2, -8\]; a shape is a list of non-negative"):
+        Mask.load(tmp_path / "neg.safetensors")
+    _rewrite_mask_metadata(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", shapes="{not json")
+    with pytest.raises(ValueError, match=r"bad\.safetensors' has metadata that is not valid JSON"):
+        Mask.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"is a folder, not a mask file"):
+        Mask.load(tmp_path)
+
+
+def test_replay_uploads_only_files_of_the_fallbacks_own_artifacts_folder(tmp_path, mlflow_local):
+    import json
+
+    from sparsity_callbacks.sinks.mlflow import _replay_fallback
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for upload")
+    fallback = tmp_path / "sparsity_mlflow_fallback_x.jsonl"
+    header = {"type": "header", "version": 1, "tracking_uri": mlflow_local, "run_id": None, "experiment": "replay"}
+    crafted = {"type": "artifact", "path": str(secret), "name": "secret.txt", "artifact_path": "sparsity"}
+    metrics = {"type": "metrics", "metrics": [["m", 1.0, 0, 1]]}
+    fallback.write_text("\n".join(json.dumps(r) for r in (header, metrics, crafted)) + "\n")
+    with pytest.raises(ValueError, match=r"does not name a file of this fallback's own artifacts folder"):
+        _replay_fallback(str(fallback))
+    from mlflow import MlflowClient
+
+    assert (
+        MlflowClient(mlflow_local).search_runs(
+            [e.experiment_id for e in MlflowClient(mlflow_local).search_experiments()]
+        )
+        == []
+    )
+    # a traversal in the upload name is refused as well, even for a file inside the folder
+    folder = tmp_path / "sparsity_mlflow_fallback_x_artifacts"
+    folder.mkdir()
+    (folder / "3_mask.bin").write_bytes(b"\x01")
+    crafted = {"type": "artifact", "path": str(folder / "3_mask.bin"), "name": "../../x", "artifact_path": "s"}
+    fallback.write_text("\n".join(json.dumps(r) for r in (header, crafted)) + "\n")
+    with pytest.raises(ValueError, match=r"own artifacts folder"):
+        _replay_fallback(str(fallback))
+    fallback.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"fallback_x\.jsonl' is not a sparsity_callbacks MLflow fallback file"):
+        _replay_fallback(str(fallback))
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"numel": -5, "changed": 0}, r"numel=-5"),
+        ({"numel": 10, "changed": 11}, r"changed=11; counts must be integers from 0 to numel \(10\)"),
+        ({"numel": 10, "changed": 1.5}, r"changed=1\.5"),
+        ({"numel": 10, "changed": True}, r"changed=True"),
+        ({"numel": 10, "churn": -1}, r"churn=-1"),
+        ([1, 2], r"is not an object with a `numel`"),
+    ],
+)
+def test_report_json_with_nonsense_numbers_is_refused(tmp_path, capsys, row, message):
+    import json
+
+    from sparsity_callbacks.cli import main
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"tensors": {"w": row}}))
+    assert main(["report", str(path), "--png", str(tmp_path / "h.png")]) == 1
+    assert re.search(r"report\.json: tensor 'w' .*" + message, capsys.readouterr().err)
+
+
+def test_report_json_that_is_not_json_or_nested_too_deeply_names_the_file(tmp_path, capsys):
+    from sparsity_callbacks.cli import main
+
+    for text, reason in (("{not json", "Expecting"), ("[" * 100000 + "]" * 100000, "nested too deeply")):
+        path = tmp_path / "r.json"
+        path.write_text(text)
+        assert main(["report", str(path), "--png", str(tmp_path / "h.png")]) == 1
+        err = capsys.readouterr().err
+        assert f"{str(path)!r} is not a valid JSON report" in err and reason in err
+    assert main(["report", str(tmp_path), "--png", str(tmp_path / "h.png")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_json_output_into_a_missing_folder_creates_nothing(tmp_path, capsys):
+    from sparsity_callbacks import Mask
+    from sparsity_callbacks.cli import main
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        Mask({"w": torch.rand(4, 4) < 0.5}).save(tmp_path / f"m{seed}.safetensors")
+    target = tmp_path / "nonexistent" / "dir" / "x.json"
+    code = main(["overlap", str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors"), "--json", str(target)])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nonexistent").exists()

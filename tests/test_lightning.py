@@ -545,6 +545,12 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(tmp_path, mlflow_
     assert len(deleted) == (1 if with_logger else 0)  # the empty run the new MLFlowLogger opened
 
 
+def test_two_sparsity_callbacks_are_refused(tmp_path):
+    # Lightning itself refuses two stateful callbacks with one state key, when the Trainer is built.
+    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `SparsityCallback`"):
+        _trainer(tmp_path, [SparsityCallback(), SparsityCallback(every_n_steps=2)], max_steps=1)
+
+
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -709,3 +709,11 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(mlflow_local, tmp
         assert {s for s, _ in _history(client, run.info.run_id, "loss")} >= {1, 2, 3, 4, 5, 6}
         (extra,) = client.search_runs([run.info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
         assert not extra.data.metrics
+
+
+def test_two_sparsity_callbacks_logging_to_mlflow_are_refused(tmp_path):
+    args = _args(tmp_path / "out", max_steps=1)
+    callbacks = [SparsityCallback(), SparsityCallback(compare_dtype="bfloat16")]
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=callbacks)
+    with pytest.raises(ValueError, match=r"2 SparsityCallbacks that log to MLflow are attached to one trainer"):
+        trainer.train()

@@ -16,7 +16,13 @@ from typing_extensions import override
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
-from sparsity_callbacks.session import TRACKER_FILE, _fresh_run_replaceable, _saved_run, _SparsitySession
+from sparsity_callbacks.session import (
+    TRACKER_FILE,
+    _fresh_run_replaceable,
+    _refuse_two_loggers,
+    _saved_run,
+    _SparsitySession,
+)
 
 _log = logging.getLogger("sparsity_callbacks")
 
@@ -116,6 +122,7 @@ class SparsityCallback(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
+        _refuse_two_loggers(trainer.callbacks, self)
         step = trainer.global_step
         resume_dir = self._resume_dir(trainer, step)
         if resume_dir and trainer.is_global_zero and self.config.log_to_mlflow and not self.config.mlflow_run_id:

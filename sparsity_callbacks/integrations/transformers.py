@@ -35,7 +35,13 @@ from transformers.trainer_callback import CallbackHandler
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
-from sparsity_callbacks.session import TRACKER_FILE, _fresh_run_replaceable, _saved_run, _SparsitySession
+from sparsity_callbacks.session import (
+    TRACKER_FILE,
+    _fresh_run_replaceable,
+    _refuse_two_loggers,
+    _saved_run,
+    _SparsitySession,
+)
 
 _log = logging.getLogger("sparsity_callbacks")
 
@@ -119,6 +125,9 @@ class SparsityCallback(TrainerCallback):
     ) -> None:
         if self.session is not None:  # a previous train() of this callback did not reach on_train_end
             self.session.close()
+        handler = _calling_handler(self)
+        if handler is not None:
+            _refuse_two_loggers(handler.callbacks, self)
         if model is None:
             raise ValueError(
                 "SparsityCallback.on_train_begin got no `model`: it must be used as a callback of a "
@@ -139,7 +148,7 @@ class SparsityCallback(TrainerCallback):
         )
         self.session.start(model, [optimizer], step, resume_dir)
         self._headline, self._headline_step = {}, None
-        self._install_relays(_calling_handler(self))
+        self._install_relays(handler)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         # The Trainer calls this after `optimizer.step()` and before `global_step += 1`: the step just taken

@@ -904,6 +904,34 @@ def _get_or_create_experiment(client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
+def _fallback_artifact(fallback: str, record: Mapping[str, Any]) -> tuple[str, str]:
+    """``(local file, upload name)`` of an artifact record of the fallback file ``fallback``.
+
+    A fallback file is data, not a list of files to upload: only regular files directly inside its own
+    artifacts folder (``<fallback stem>_artifacts/``, beside it) are replayed, whatever path the record
+    names (the folder is found again if both were moved together); the upload name is a plain file name.
+    Anything else raises `ValueError` naming the record."""
+    folder = os.path.realpath(os.path.splitext(fallback)[0] + "_artifacts")
+    recorded, name = record.get("path"), record.get("name")
+    artifact_path = record.get("artifact_path")
+    if not (isinstance(recorded, str) and isinstance(name, str) and isinstance(artifact_path, (str, type(None)))):
+        raise ValueError(f"{fallback!r}: an artifact record has no file `path` / `name`; it is not replayed.")
+    local = os.path.join(folder, os.path.basename(recorded))
+    if (
+        os.path.dirname(os.path.realpath(local)) != folder
+        or not os.path.isfile(local)
+        or os.path.islink(local)
+        or name in ("", ".", "..")
+        or os.path.basename(name) != name
+    ):
+        raise ValueError(
+            f"{fallback!r}: artifact record {os.path.basename(recorded)!r} does not name a file of this fallback's "
+            f"own artifacts folder {folder!r}; only those are uploaded. HINT: keep the fallback file and its "
+            "`_artifacts` folder together, as `close` wrote them."
+        )
+    return local, name
+
+
 def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str | None = None) -> str:
     """Send a fallback file written by `MLflowSink.close` to MLflow, synchronously; return the run id.
 
@@ -916,15 +944,23 @@ def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str 
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records or records[0].get("type") != "header":
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (ValueError, RecursionError) as err:  # bad JSON, not UTF-8, nested too deeply
+        raise ValueError(f"{path!r} is not a sparsity_callbacks MLflow fallback file ({type(err).__name__}).") from None
+    if not records or not isinstance(records[0], dict) or records[0].get("type") != "header":
         raise ValueError(f"{path!r} is not a sparsity_callbacks MLflow fallback file (no header line).")
     header = records[0]
     if header.get("version") != _FALLBACK_VERSION:
         raise ValueError(
             f"{path!r} has fallback format version {header.get('version')!r}; expected {_FALLBACK_VERSION}."
         )
+    for record in records[1:]:  # check every record before anything is sent
+        if not isinstance(record, dict) or record.get("type") not in ("metrics", "params", "artifact", "terminate"):
+            raise ValueError(f"{path!r} holds a record that is not one of metrics/params/artifact/terminate.")
+        if record["type"] == "artifact":
+            _fallback_artifact(path, record)
     uri = tracking_uri or header.get("tracking_uri")
     client = MlflowClient(uri)
     target = run_id
@@ -962,9 +998,10 @@ def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str 
         elif kind == "tags":
             client.log_batch(target, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         elif kind == "artifact":
+            local, name = _fallback_artifact(path, record)
             with tempfile.TemporaryDirectory() as tmp:
-                named = os.path.join(tmp, record["name"])
-                shutil.copy2(record["path"], named)
+                named = os.path.join(tmp, name)
+                shutil.copyfile(local, named)
                 client.log_artifact(target, named, record["artifact_path"])
         elif kind == "terminate":
             client.set_terminated(target, record["status"])
