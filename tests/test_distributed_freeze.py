@@ -181,6 +181,74 @@ def _fsdp1(kind: str, rank: int, tmp: str, out: dict) -> None:
         torch.save(final, os.path.join(tmp, f"fsdp1-{kind}.pt"))
 
 
+def _fsdp2resume(kind: str, rank: int, tmp: str, out: dict) -> None:
+    """The engine's path (what both adapters run): ``freeze_mask="discover"`` after step 1, a checkpoint at
+    step 3 (the session's files + the model and optimizer state dicts), then a fresh model resumed from it;
+    its steps 4-5 must end with exactly the weights of the uninterrupted run."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sparsity_callbacks import SparsityConfig
+    from sparsity_callbacks.session import _SparsitySession
+
+    config = SparsityConfig(mode="exact", freeze_mask="discover", freeze_after_steps=1, log_to_mlflow=False)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    directory = os.path.join(tmp, "resume_checkpoint")
+
+    def build():
+        model = _model()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # no weight decay until the freeze: the embedding rows of tokens not in batch 0 stay unchanged
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def full(model):
+        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+    def run(model, optimizer, session, steps, checks, saved):
+        for step in steps:
+            ids = _batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            optimizer.step()
+            optimizer.zero_grad()
+            session.on_optimizer_step(step)
+            if step == 1:  # frozen from here on; weight decay would move every frozen element
+                for group in optimizer.param_groups:
+                    group["weight_decay"] = 0.1
+                checks["frozen_at"], checks["mask"] = full(model), session._freeze_mask
+            elif "mask" in checks:
+                checks["steps"].append(_check_frozen(full(model), checks["frozen_at"], checks["mask"])["frozen_ok"])
+            if step == 3 and saved is not None:
+                session.save(directory)
+                state = get_state_dict(model, optimizer)
+                saved.extend(torch.utils._pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, state))
+
+    model, optimizer = build()
+    session = _SparsitySession(config, is_rank_zero=rank == 0, default_every_n_steps=1)
+    session.start(model, [optimizer], step=0)
+    checks: dict = {"steps": []}
+    saved: list = []
+    run(model, optimizer, session, range(1, 6), checks, saved)
+    uninterrupted = full(model)
+    out["source"], out["frozen_fraction"] = session.freeze_source, session.freezer.frozen_fraction
+    session.close()
+
+    model, optimizer = build()
+    set_state_dict(model, optimizer, model_state_dict=saved[0], optim_state_dict=saved[1])
+    session = _SparsitySession(config, is_rank_zero=rank == 0, default_every_n_steps=1)
+    session.start(model, [optimizer], step=3, resume_dir=directory)
+    out["resumed_source"] = session.freeze_source
+    resumed_checks = {"steps": [], "frozen_at": checks["frozen_at"], "mask": checks["mask"]}
+    run(model, optimizer, session, range(4, 6), resumed_checks, None)
+    session.close()
+    resumed = full(model)
+    out["steps"], out["resumed_steps"] = checks["steps"], resumed_checks["steps"]
+    out["resumed_equal"] = [n for n in uninterrupted if not _bits_equal(uninterrupted[n], resumed[n])]
+
+
 def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
@@ -203,7 +271,8 @@ def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
 
 
 # --- tests ------------------------------------------------------------------------------------------
-SCENARIOS = ["fsdp2-adamw", "fsdp2-sgd", "fsdp1-adamw", "fsdp1-sgd"]
+SCENARIOS = ["fsdp2-adamw", "fsdp2-sgd", "fsdp1-adamw", "fsdp1-sgd", "fsdp2resume-adamw"]
+TORCH_RUNS = SCENARIOS[:4]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +293,7 @@ def single():
     return {kind: single_process(kind) for kind in ("adamw", "sgd")}
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("scenario", TORCH_RUNS)
 def test_sharded_frozen_elements_stay_bit_identical_and_match_one_process(spawned, single, scenario):
     tmp, results = spawned
     kind = scenario.split("-")[1]
@@ -249,6 +318,17 @@ def test_sharded_frozen_elements_stay_bit_identical_and_match_one_process(spawne
         else:  # the clip norm's reduction order differs in the last bits
             torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
             assert _bits_equal(final[name][~mask[name]], value[~mask[name]]), name  # frozen: exact anyway
+
+
+def test_fsdp2_discovered_freeze_resumes_from_a_checkpoint_bit_exactly(spawned):
+    _, results = spawned
+    for rank in range(WORLD):
+        out = results[rank]["fsdp2resume-adamw"]
+        assert "error" not in out, out["error"]
+        assert out["source"] == out["resumed_source"] == "discover@1"  # resumed from the saved mask
+        assert 0.1 < out["frozen_fraction"] < 0.9
+        assert out["steps"] == [True] * 4 and out["resumed_steps"] == [True] * 2
+        assert out["resumed_equal"] == []  # every tensor bit-identical to the uninterrupted run
 
 
 def test_each_rank_stores_only_its_shard(spawned):

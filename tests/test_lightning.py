@@ -706,6 +706,117 @@ def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_p
     assert mask.count() == sum(ever for _, _, ever, _ in single["tensors"].values())
 
 
+def _freeze_fit(out_dir: str, devices: int, resume: bool) -> None:
+    """One rank of an FSDP2 (`ModelParallelStrategy`) fit that freezes to the discovered mask after step 2
+    (AdamW, with weight decay from the freeze on: the embedding rows of unused tokens are unchanged until
+    then; gradient clipping), checkpointing at step 4 (end of epoch 1); ``resume``: continue from that
+    checkpoint to step 6. After every optimizer step from the freeze on, the gathered full weights' frozen
+    elements are compared with their values when freezing began."""
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    callback = SparsityCallback(
+        mode="exact", every_n_steps=1, freeze_mask="discover", freeze_after_steps=2, log_to_mlflow=False
+    )
+    state = {"frozen_at": None, "checks": []}
+
+    def full(pl_module) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().detach().clone() for n, p in pl_module.named_parameters()}
+
+    class FrozenWatcher(pl.Callback):  # after SparsityCallback: sees the freezer it just made
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            freezer = callback.session.freezer
+            if freezer is None:
+                return
+            weights = full(pl_module)
+            if state["frozen_at"] is None:
+                state["frozen_at"] = weights
+                state["mask"] = callback.session._freeze_mask
+                for optimizer in trainer.optimizers:  # from now on weight decay would move every frozen element
+                    for group in optimizer.param_groups:
+                        group["weight_decay"] = 0.1
+                return
+            ok = all(
+                torch.equal(weights[n][~keep].view(torch.int32), state["frozen_at"][n][~keep].view(torch.int32))
+                for n, keep in state["mask"].items()
+            )
+            state["checks"].append([trainer.global_step, ok])
+
+    # 2 batches per epoch, a checkpoint at the end of epoch 1 (step 4): resuming there replays no batch
+    checkpoint = ModelCheckpoint(
+        dirpath=os.path.join(out_dir, "ckpt"), every_n_epochs=2, save_top_k=-1, save_on_train_epoch_end=True
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+        max_steps=6,
+        logger=False,
+        callbacks=[callback, FrozenWatcher(), checkpoint],
+        gradient_clip_val=0.5,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=out_dir,
+    )
+    module = LitLM(fsdp2=True)
+    ckpt = os.path.join(out_dir, "ckpt", "epoch=1-step=4.ckpt") if resume else None
+    if resume:  # the weights at the resumed step are the ones frozen at step 2 of the first run
+        state["frozen_at"] = torch.load(os.path.join(out_dir, "frozen_at.pt"))
+        state["mask"] = Mask(torch.load(os.path.join(out_dir, "mask.pt")))
+    trainer.fit(module, _data(2), ckpt_path=ckpt)
+    session = callback.session
+    final = full(module)
+    result = {
+        "rank": trainer.global_rank,
+        "checks": state["checks"],
+        "frozen_fraction": session.freezer.frozen_fraction if session.freezer else None,
+        "freeze_source": session.freeze_source,
+        "extra_bytes": session.freezer.extra_bytes if session.freezer else None,
+        "mask_count": session._freeze_mask.count(),
+    }
+    name = "resumed" if resume else "first"
+    if trainer.global_rank == 0:
+        torch.save(final, os.path.join(out_dir, f"final-{name}.pt"))
+        if not resume:
+            torch.save(state["frozen_at"], os.path.join(out_dir, "frozen_at.pt"))
+            torch.save(dict(state["mask"].items()), os.path.join(out_dir, "mask.pt"))
+    with open(os.path.join(out_dir, f"freeze-{name}-{devices}-rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
+    """`ModelParallelStrategy` + FSDP2 with ``freeze_mask="discover"``: each rank freezes its shard of the
+    gathered ever-changed mask; frozen elements stay bit-identical through clipping, weight decay and a
+    checkpoint resume (Lightning's distributed checkpoint + the callback's mask). Only the frozen elements of
+    the two runs' final weights are compared: the trainable ones of the resumed run differ here by ~lr (the
+    weights are restored exactly; Lightning's FSDP2 optimizer restore is the suspect, not investigated). The
+    engine-level FSDP2 resume in test_distributed_freeze.py ends bit-identical to the uninterrupted run."""
+    first = _launch("freeze-first", tmp_path, None)
+    resumed = _launch("freeze-resumed", tmp_path, None)
+    for result in first:
+        assert result["freeze_source"] == "discover@2"
+        assert [step for step, _ in result["checks"]] == [3, 4, 5, 6] and all(ok for _, ok in result["checks"])
+        assert 0.01 < result["frozen_fraction"] < 0.5  # e.g. the embedding rows of unused tokens never changed
+    for result in resumed:
+        assert result["freeze_source"] == "discover@2"  # from the checkpoint, not discovered again
+        assert [step for step, _ in result["checks"]] == [5, 6] and all(ok for _, ok in result["checks"])
+        assert result["frozen_fraction"] == first[0]["frozen_fraction"]
+    total = sum(p.numel() for p in tiny_llama().parameters())
+    assert [r["mask_count"] for r in first] == [r["mask_count"] for r in resumed] and first[0]["mask_count"] < total
+    end, again = torch.load(tmp_path / "final-first.pt"), torch.load(tmp_path / "final-resumed.pt")
+    frozen_at, mask = torch.load(tmp_path / "frozen_at.pt"), torch.load(tmp_path / "mask.pt")
+    for name, value in end.items():
+        frozen = ~mask[name]
+        assert torch.equal(value[frozen].view(torch.int32), frozen_at[name][frozen].view(torch.int32)), name
+        assert torch.equal(again[name][frozen].view(torch.int32), frozen_at[name][frozen].view(torch.int32)), name
+        assert not torch.equal(value[~frozen], frozen_at[name][~frozen]) or not (~frozen).any(), name  # trained
+
+
 if __name__ == "__main__":  # one rank of a distributed test: python tests/test_lightning.py KIND OUT URI WORLD
     _kind, _out, _uri, _world = sys.argv[1:5]
-    _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))
+    if _kind.startswith("freeze-"):
+        _freeze_fit(_out, int(_world), resume=_kind == "freeze-resumed")
+    else:
+        _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))
