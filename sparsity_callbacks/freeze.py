@@ -334,14 +334,16 @@ def _queue_after_backward(callback: Any) -> None:
 
 
 def _state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
-    """Bytes of the tensors in the optimizers' state (each storage counted once)."""
+    """Bytes of the tensors in the optimizers' state (each storage counted once; this rank's shards of
+    DTensor state)."""
     seen: set[tuple[str, int]] = set()
     total = 0
     for optimizer in optimizers:
-        for state in optimizer.state.values():
+        for state in getattr(optimizer, "state", {}).values():
             for value in state.values():
                 if not torch.is_tensor(value):
                     continue
+                value = _local_tensor(value)
                 key = (str(value.device), value.untyped_storage().data_ptr())
                 if key in seen:
                     continue
