@@ -1,6 +1,6 @@
 """Render ``docs/mlflow_ui.png``: the MLflow UI charts of a run made by ``examples/trl_grpo.py``.
 
-    cd /tmp/grpo && python /path/to/examples/trl_grpo.py      # writes ./mlflow.db
+    cd /tmp/grpo && python /path/to/examples/trl_grpo.py --tiny    # writes ./mlflow.db
     python docs/screenshot.py --store /tmp/grpo/mlflow.db [--run-id ID] [--out docs/mlflow_ui.png]
 
 Starts ``mlflow server`` on 127.0.0.1 against the store, opens the run's "Model metrics" tab (the address
