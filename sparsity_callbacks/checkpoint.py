@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -123,21 +124,54 @@ def _resolve(source: str) -> str:
     )
 
 
+def _open_regular(path: str) -> int:
+    """A read-only file descriptor of ``path``, which must be a regular file: a FIFO, device or socket named
+    ``*.safetensors`` is refused instead of blocking forever (opened non-blocking, checked with ``fstat``)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise CheckpointError(f"{path!r} is a {kind}, not a regular file; only regular files are read.")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _shard_paths(root: str, index: str) -> list[str]:
+    """The shard files named by ``model.safetensors.index.json``, confined to the model folder: each name is
+    a relative path of ``*.safetensors`` inside ``root`` (no absolute path, drive or ``..``); anything else
+    is refused without opening it."""
+    try:
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        reason = f"{type(err).__name__} at {err.pos}" if isinstance(err, json.JSONDecodeError) else type(err).__name__
+        raise CheckpointError(
+            f"Cannot read {index!r} ({reason}). HINT: the index is corrupt; re-save the model with `save_pretrained`."
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index!r}: `weight_map` is not a map of tensor names to shard file names.")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        parts = re.split(r"[\\/]", name)
+        if os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts or not name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{index!r} names a shard outside the model folder or not a .safetensors file ({name[:200]!r}); "
+                "shards must be .safetensors files inside the folder. HINT: the index is corrupt or crafted."
+            )
+    return [os.path.join(root, f) for f in files]
+
+
 def _safetensors_files(root: str) -> list[str]:
-    if os.path.isfile(root):
-        return [root]
+    if not os.path.isdir(root):
+        return [root]  # `_read_header` opens it only if it is a regular file
     index = os.path.join(root, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as handle:
-                weight_map = json.load(handle)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"Cannot read {index!r} ({type(err).__name__}: {err}). HINT: the index is "
-                "corrupt; re-save the model with `save_pretrained`."
-            ) from None
-        files = sorted(set(weight_map.values()), key=lambda f: list(weight_map.values()).index(f))
-        paths = [os.path.join(root, f) for f in files]
+        paths = _shard_paths(root, index)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise CheckpointError(
@@ -149,6 +183,7 @@ def _safetensors_files(root: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     found = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".safetensors"))
+    # (special files among them, e.g. a FIFO, are refused by `_open_regular` before anything is read)
     if not found:
         others = [f for f in os.listdir(root) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = (
@@ -161,46 +196,83 @@ def _safetensors_files(root: str) -> list[str]:
 
 
 def _read_header(path: str) -> list[TensorInfo]:
-    hint = "HINT: the file is truncated or not safetensors; re-download or re-save it."
+    """The tensors of one safetensors file, checked as the format requires: an 8-byte little-endian header
+    length, a JSON object header, and per tensor a ``dtype``, a ``shape`` of non-negative ints and
+    ``data_offsets`` ``[begin, end]`` with ``0 <= begin <= end``, ``end - begin = numel * itemsize``; the
+    ranges, sorted, tile the data section exactly (contiguous from 0, no overlap, no hole, ending at the end
+    of the file). Errors never quote the file's bytes (it may be any file)."""
+    hint = "HINT: the file is truncated, not safetensors, or crafted; re-download or re-save it."
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        fd = _open_regular(path)
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path!r} is too short to be a safetensors file ({size} bytes). {hint}")
             header_len = int.from_bytes(prefix, "little")
             if header_len > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path!r} is not a safetensors file (header length {header_len}). {hint}")
-            header = json.loads(handle.read(header_len))
+                raise CheckpointError(
+                    f"{path!r} is not a safetensors file (its first 8 bytes are not a header length that fits "
+                    f"the file). {hint}"
+                )
+            header = json.loads(handle.read(header_len).decode("utf-8"))
     except OSError as err:
-        raise CheckpointError(f"Cannot read {path!r}: {err}.") from None
-    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"Cannot read {path!r}: {err.strerror or type(err).__name__}.") from None
+    except (ValueError, RecursionError) as err:
         if isinstance(err, CheckpointError):
             raise
-        raise CheckpointError(f"{path!r} has a corrupt safetensors header ({err}). {hint}") from None
+        where = f" at byte {err.pos}" if isinstance(err, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{path!r} has a corrupt safetensors header (not UTF-8 JSON{where}). {hint}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path!r} has a corrupt safetensors header (not a JSON object). {hint}")
     data_start = 8 + header_len
     infos = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(
-                name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path, data_start + begin, end - begin
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path!r}: corrupt header entry for tensor {name!r}. {hint}") from None
-        if data_start + end > size or end < begin:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        dtype_code = entry.get("dtype") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(x) is int for x in offsets)
+            or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(dtype_code, str)
+        ):
             raise CheckpointError(
-                f"{path!r} is truncated: tensor {name!r} ends at byte {data_start + end}, the file has {size}. {hint}"
+                f"{path!r}: corrupt header entry for tensor {name[:200]!r} (needs `dtype`, a `shape` of non-negative "
+                f"integers and two integer `data_offsets`). {hint}"
             )
-        dtype = info.torch_dtype
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise CheckpointError(
+                f"{path!r}: tensor {name[:200]!r} has data_offsets [{begin}, {end}]; they must satisfy "
+                f"0 <= begin <= end. {hint}"
+            )
+        info = TensorInfo(name, dtype_code, tuple(shape), path, data_start + begin, end - begin)
+        dtype = info.torch_dtype  # None: a dtype code this reader does not know (listed by `diff`, not compared)
         if dtype is not None and info.nbytes != info.numel * dtype.itemsize:
             raise CheckpointError(
-                f"{path!r}: tensor {name!r} has {info.nbytes} bytes for shape "
-                f"{list(info.shape)} of {info.dtype}. {hint}"
+                f"{path!r}: tensor {name[:200]!r} has {info.nbytes} bytes for shape "
+                f"{list(info.shape)} of {info.dtype} ({info.numel * dtype.itemsize} expected). {hint}"
             )
         infos.append(info)
+    expected = 0  # the ranges must tile [0, size - data_start) exactly
+    for info in sorted(infos, key=lambda i: (i.offset, i.nbytes)):
+        if info.offset - data_start != expected:
+            problem = "overlaps the previous one" if info.offset - data_start < expected else "leaves a hole before it"
+            raise CheckpointError(
+                f"{path!r}: tensor {info.name[:200]!r} starts at data byte {info.offset - data_start}, which "
+                f"{problem} (expected {expected}); safetensors data is contiguous. {hint}"
+            )
+        expected += info.nbytes
+    if data_start + expected != size:
+        raise CheckpointError(
+            f"{path!r}: its tensors cover {expected} data bytes but the file holds {size - data_start} after the "
+            f"header ({'truncated' if data_start + expected > size else 'trailing bytes'}). {hint}"
+        )
     return infos
 
 
@@ -224,7 +296,7 @@ class _Reader:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    fd = self._fds[path] = _open_regular(path)
         return fd
 
     def read(self, info: TensorInfo, lo: int, out: np.ndarray) -> None:

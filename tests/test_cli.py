@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -524,3 +526,94 @@ def test_report_against_a_dead_tracking_server_fails_fast_naming_the_server(tmp_
     assert f"MLflow tracking server at {dead} is unreachable" in err and "report.json" not in err
     assert took < 15.0, took  # MLflow's own HTTP retries would take minutes
     assert not (tmp_path / "h.png").exists()
+
+
+# --- untrusted checkpoint folders stay contained (issue 14, item 4) --------------------------------
+def _raw_safetensors(path, entries: dict, data: bytes) -> None:
+    """A safetensors file written by hand: ``entries`` is the header (any offsets), then ``data``."""
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize(
+    "entries, data, message",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8, r"0 <= begin <= end"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, r"0 <= begin <= end"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            },
+            b"\0" * 8,
+            r"overlaps the previous one",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, r"leaves a hole before it"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, r"trailing bytes"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, r"8 bytes for shape \[3\]"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, r"non-negative"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}, b"\0" * 8, r"two integer `data_offsets`"),
+    ],
+    ids=["negative", "reversed", "overlapping", "hole", "trailing", "wrong_size", "negative_shape", "float_offset"],
+)
+def test_diff_refuses_offsets_the_safetensors_format_does_not_allow(tmp_path, capsys, entries, data, message):
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(good))
+    bad = tmp_path / "bad.safetensors"
+    _raw_safetensors(bad, entries, data)
+    assert main(["diff", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and re.search(message, err), err
+    assert "changed" not in err
+
+
+def test_diff_never_opens_shards_outside_the_model_folder(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "x.safetensors"
+    secret.write_bytes(b"SECRET-CONTENT-12345" * 10)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"a": torch.zeros(2)}, str(base / "model.safetensors"))
+    for shard in ("../outside/x.safetensors", str(secret), "/etc/passwd", "sub/../../outside/x.safetensors"):
+        tuned = tmp_path / "tuned"
+        shutil.rmtree(tuned, ignore_errors=True)
+        tuned.mkdir()
+        (tuned / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        assert main(["diff", str(base), str(tuned)]) == 1
+        err = capsys.readouterr().err
+        assert "outside the model folder" in err, err
+        assert "SECRET" not in err and "root:" not in err
+
+
+def test_diff_error_on_a_non_safetensors_file_does_not_echo_its_bytes(tmp_path, capsys):
+    base = tmp_path / "base.safetensors"
+    save_file({"a": torch.zeros(2)}, str(base))
+    other = tmp_path / "passwd.safetensors"
+    other.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    assert main(["diff", str(base), str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "not a safetensors file" in err and "root" not in err.replace(str(tmp_path), "")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_safetensors_is_refused_instead_of_hanging(tmp_path, capsys):
+    base = tmp_path / "base.safetensors"
+    save_file({"a": torch.zeros(2)}, str(base))
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    script = (
+        f"import sys; from sparsity_callbacks.cli import main; sys.exit(main(['diff', {str(base)!r}, {str(folder)!r}]))"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for target in (folder, folder / "model.safetensors"):
+        done = subprocess.run(
+            [sys.executable, "-c", script.replace(repr(str(folder)), repr(str(target)))],
+            capture_output=True,
+            timeout=120,  # a hang would be killed here and fail the test
+            env={**os.environ, "PYTHONPATH": repo},
+        )
+        assert done.returncode == 1, done.stderr.decode()
+        assert "FIFO, not a regular file" in done.stderr.decode()
