@@ -1,15 +1,24 @@
-"""Cost of one `SparsityTracker.measure()` per mode vs a plain copy of the same bytes, same run.
+"""Cost of one `SparsityTracker.measure()` vs a plain copy of the same bytes, same run; default config first.
 
-    python benchmarks/measure.py [--params 100_000_000] [--repeats 7]
+    python benchmarks/measure.py [--params 50_000_000] [--repeats 9] [--configs default,bf16,lowbyte,...]
 
-A stack of fp32 tensors (default 100 M elements, 400 MB), ~10 % of the elements changed between
-measurements. Prints one line per figure: median time of `measure()` / median time of
+A stack of 25 fp32 tensors (default 50 M elements, 200 MB), ~10 % of the elements changed between
+measurements. Prints one line per configuration: median time of `measure()` / median time of
 `torch.Tensor.copy_` of the tracked bytes, and the extra memory per tracked parameter.
+
+``compile=None`` (the default) decides by measurement: the first measurements run eagerly, and once the
+eager time spent reaches the cost of one compilation the kernel is compiled on a background thread. Each
+default-config line reports the first (eager) measurement and the steady state after that switch.
+
+Baseline for ``compare_dtype="bfloat16"``: a plain-torch *low-byte* change detector of the kind used for
+delta weight sync (cast to bf16, keep the low byte of each element's bits, 1 B/element; compare with
+the stored byte, count, store), timed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -43,11 +52,48 @@ def _extra_bytes(tracker: SparsityTracker) -> tuple[int, int]:
     return host, device
 
 
+class _LowByteDetector:
+    """The peer: bf16 low byte per element (1 B/element), changed since the previous call."""
+
+    def __init__(self, params) -> None:
+        self.params = list(params)
+        self.stored = [self._low(p).clone() for p in self.params]
+
+    @staticmethod
+    def _low(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().to(torch.bfloat16).view(torch.uint8)[0::2]  # little-endian: the low byte first
+
+    def __call__(self) -> int:
+        count = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
+        for p, stored in zip(self.params, self.stored):
+            low = self._low(p)
+            count += (low != stored).sum()
+            stored.copy_(low)
+        return int(count)
+
+
+CONFIGS = {
+    "default": ("default options (auto mode, churn, compile=None)", {}),
+    "bf16": ('default options, compare_dtype="bfloat16"', dict(compare_dtype="bfloat16")),
+    "fingerprint": ('mode="fingerprint" (churn, compile=None)', dict(mode="fingerprint")),
+    "exact_nochurn": ('mode="exact", track_churn=False', dict(mode="exact", track_churn=False)),
+    "fingerprint_nochurn": ('mode="fingerprint", track_churn=False', dict(mode="fingerprint", track_churn=False)),
+    "fingerprint_bf16": (
+        'mode="fingerprint", compare_dtype="bfloat16"',
+        dict(mode="fingerprint", compare_dtype="bfloat16"),
+    ),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=int, default=100_000_000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--params", type=int, default=50_000_000)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--configs", default="default,bf16,lowbyte,fingerprint,exact_nochurn,fingerprint_nochurn,fingerprint_bf16"
+    )
+    parser.add_argument("--max-warmup", type=int, default=80, help="measurements to wait for the compiled kernel")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -59,49 +105,66 @@ def main() -> None:
     numel = per * rows
     copy_target = [torch.empty_like(p) for p in model]
 
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
     def memcpy():
         for dst, src in zip(copy_target, model):
             dst.copy_(src)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        sync()
+
+    def step():  # ~10 % of the elements move, by about one fp32 ulp to a few hundred
+        with torch.no_grad():
+            for p in model:
+                p[::10] += 1e-6
 
     memcpy()
     baseline = _median_seconds(memcpy, args.repeats)
     print(
-        f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"device {args.device}; {numel / 1e6:.0f} M fp32 params ({numel * 4 / 1e9:.2f} GB)"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, device {args.device}; {numel / 1e6:.0f} M fp32 params ({numel * 4 / 1e9:.2f} GB); "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(f"memcpy of the tracked bytes: {baseline * 1e3:.1f} ms (median of {args.repeats})")
-
-    configs = [
-        ("exact", dict(mode="exact")),
-        ("exact, no churn", dict(mode="exact", track_churn=False)),
-        ("fingerprint", dict(mode="fingerprint")),
-        ("fingerprint, no churn", dict(mode="fingerprint", track_churn=False)),
-        ("exact, compare bf16", dict(mode="exact", compare_dtype="bfloat16")),
-    ]
-    for label, options in configs:
-        for use_compile in (True, False):
-            tracker = SparsityTracker(model, compile=use_compile, **options)
-            tracker.snapshot()
-            with torch.no_grad():
-                for p in model:
-                    p[::10] += 1e-3
-            tracker.measure()  # warm-up (and compilation)
-
-            def measure(tracker=tracker):
-                tracker.measure()
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-
-            seconds = _median_seconds(measure, args.repeats if use_compile else max(3, args.repeats // 2))
-            host, device = _extra_bytes(tracker)
+    for key in args.configs.split(","):
+        if key == "lowbyte":
+            detector = _LowByteDetector(model)
+            step()
+            detector()
+            seconds = _median_seconds(lambda d=detector: (step(), d(), sync()), args.repeats)
+            step_only = _median_seconds(step, args.repeats)
+            seconds -= step_only
             print(
-                f"{label:24s} compile={str(use_compile):5s}: {seconds * 1e3:8.1f} ms = "
-                f"{seconds / baseline:5.2f}x memcpy; "
-                f"extra memory {host / numel:.3f} B/param host + {device / numel:.3f} B/param device"
+                f"{'bf16 low-byte detector (baseline)':52s}: {seconds * 1e3:8.1f} ms = {seconds / baseline:5.2f}x "
+                f"memcpy; extra memory 1.000 B/param ({args.device})"
             )
-            del tracker
+            continue
+        label, options = CONFIGS[key]
+        tracker = SparsityTracker(model, **options)
+        tracker.snapshot()
+        step()
+        start = time.perf_counter()
+        tracker.measure()
+        sync()
+        first = time.perf_counter() - start
+        warmups = 1
+        while tracker._kernel.use_compile is None and not tracker._kernel.compiled and warmups < args.max_warmup:
+            step()
+            tracker.measure()
+            warmups += 1
+        tracker._kernel.wait(600)
+        tracker.measure()  # the first compiled call
+        step_only = _median_seconds(step, args.repeats)
+        seconds = _median_seconds(lambda t=tracker: (step(), t.measure(), sync()), args.repeats) - step_only
+        host, device = _extra_bytes(tracker)
+        kernel = "compiled" if tracker._kernel.compiled else "eager"
+        print(
+            f"{label:52s}: {seconds * 1e3:8.1f} ms = {seconds / baseline:5.2f}x memcpy ({kernel}, mode={tracker.mode}; "
+            f"first call {first / baseline:5.2f}x, eager, {warmups} eager calls before the switch); extra memory "
+            f"{host / numel:.3f} B/param host + {device / numel:.3f} B/param device"
+        )
+        del tracker
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Overhead of `SparsityCallback` on a `transformers.Trainer` run, same process, alternating.
 
-    python benchmarks/overhead_hf.py [--steps 40] [--logging-steps 10] [--repeats 5] [--hidden 256 --layers 8]
+    python benchmarks/overhead_hf.py [--steps 200] [--logging-steps 10] [--repeats 5] [--hidden 192 --layers 4]
+    python benchmarks/overhead_hf.py --every-n-steps 1      # measuring every step (delta-sync figures)
 
-A Llama-style model built from config (default ~8 M parameters: vocab 4096, hidden 256, 8 layers), AdamW,
+A Llama-style model built from config (default 3.2 M parameters in 39 tensors: vocab 4096, hidden 192,
+4 layers), AdamW,
 batch 8 x 64 tokens, on the CPU (or the GPU if there is one and ``--device cuda``). Each repeat trains the
 same initial weights for ``--steps`` optimizer steps twice, once without and once with the callback at
 the default cadence (``every_n_steps=None`` -> ``logging_steps``), in alternating order. Reported:
@@ -69,7 +71,8 @@ def _run(args, state_dict, dataset, with_callback: bool, workdir: str) -> tuple[
     model = _model(args)
     model.load_state_dict(state_dict)
     timer = _StepTimer()
-    callbacks = [timer] + ([SparsityCallback()] if with_callback else [])
+    options = {} if args.every_n_steps is None else {"every_n_steps": args.every_n_steps}
+    callbacks = [timer] + ([SparsityCallback(**options)] if with_callback else [])
     training_args = TrainingArguments(
         output_dir=os.path.join(workdir, "out"),
         max_steps=args.steps,
@@ -92,11 +95,12 @@ def _run(args, state_dict, dataset, with_callback: bool, workdir: str) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every-n-steps", type=int, default=None, help="default: logging_steps")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
@@ -114,8 +118,9 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"model {n_params / 1e6:.1f} M params, {args.steps} steps, measure every {args.logging_steps}, "
-        f"{args.repeats} repeats, device {args.device}"
+        f"model {n_params / 1e6:.1f} M params, {args.steps} steps, measure every "
+        f"{args.every_n_steps or args.logging_steps}, {args.repeats} repeats, device {args.device}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
     _run(args, state_dict, dataset, True, workdir)  # warm-up (imports, MLflow store creation, allocator)

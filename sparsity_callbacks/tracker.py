@@ -9,12 +9,13 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from typing import Any
 
 import torch
 
-from sparsity_callbacks._bits import _pack_bits, _popcount
+from sparsity_callbacks._bits import _pack_bits
 from sparsity_callbacks._distributed import (
     _dist_ready,
     _full_signatures,
@@ -23,7 +24,7 @@ from sparsity_callbacks._distributed import (
     _sum_across_ranks,
 )
 from sparsity_callbacks._memory import _choose_mode
-from sparsity_callbacks._rules import COMPARE_DTYPES, _any_nonfinite, _count_nonfinite, _tensor_signature
+from sparsity_callbacks._rules import COMPARE_DTYPES, _count_nonfinite, _tensor_signature
 from sparsity_callbacks._tracker_state import _load_state_dict, _read_file, _save, _state_dict, _TensorState
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.masks import Mask
@@ -39,6 +40,7 @@ from sparsity_callbacks.params import (
 from sparsity_callbacks.reference import (
     _FINGERPRINT_DTYPES,
     _chunks,
+    _compiled_kernel,
     _fingerprint,
     _flat_chunk,
     _KernelRunner,
@@ -51,7 +53,6 @@ from sparsity_callbacks.reference import (
 
 _log = logging.getLogger("sparsity_callbacks")
 
-_COMPILE_AUTO_NUMEL = 10_000_000
 _MAX_HISTORY = 4096
 
 
@@ -108,7 +109,7 @@ class SparsityTracker:
         self._warned: set[str] = set()
         self._rank_layouts: list[list[tuple[int, int]]] | None = None  # per rank: (start, count) per sharded tensor
         self._chunk = max(8, self.config.chunk_numel // 8 * 8)
-        self._kernel = _KernelRunner(bool(self.config.compile))
+        self._kernel = _KernelRunner(self.config.compile)
 
     # --- public ----------------------------------------------------------------------------------
     @property
@@ -175,21 +176,23 @@ class SparsityTracker:
         params = self._current_parameters()
         cfg = self.config
         has_churn = cfg.track_churn and self._has_previous
-        rows = []
-        for tracked in self.tracked:
+        began = time.perf_counter()
+        stats: dict[torch.device, list[torch.Tensor]] = {}
+        owners: dict[torch.device, list[int]] = {}
+        for index, tracked in enumerate(self.tracked):
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
-            counts = torch.zeros(5, dtype=torch.int64, device=flat.device)
             for start, end in _chunks(state.ever.numel() * 8, self._chunk):
-                changed, churn = self._run_chunk(flat, state, start, end, update=True)
-                counts[0] += _popcount(changed)
-                if churn is not None:
-                    counts[2] += _popcount(churn)
-            counts[1] = _any_nonfinite(flat)  # on the device, no sync; the exact count only when set
-            counts[3] = _popcount(state.ever)
-            counts[4] = state.numel
-            rows.append(counts)
-        totals = torch.stack([r.cpu() for r in rows])  # one sync per device
+                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[2])
+                owners.setdefault(flat.device, []).append(index)
+        # Per tensor: changed, NaN/inf flag, churn, ever-changed (summed over its chunks), local numel.
+        totals = torch.zeros(len(self.tracked), 5, dtype=torch.int64)
+        for device, rows in stats.items():  # one sync per device
+            totals[:, :4].index_add_(0, torch.tensor(owners[device]), torch.stack(rows).cpu())
+        totals[:, 1].clamp_(max=1)
+        totals[:, 4] = torch.tensor([s.numel for s in self._states.values()], dtype=torch.int64)
+        if not self._kernel.compiled:
+            self._kernel.record_eager(time.perf_counter() - began, self._warm_up_compiled_kernel)
         for row, tracked in zip(totals, self.tracked):
             if row[1]:
                 state = self._states[tracked.name]
@@ -303,13 +306,44 @@ class SparsityTracker:
 
     # --- internals -------------------------------------------------------------------------------
     def _choose_compile(self) -> None:
-        """``compile=None``: compile only where it pays. Fingerprints (fingerprint mode, or churn) compile to
-        one fused pass, 3-4x faster than eager on CPU; a plain exact comparison is one eager pass already
-        (compiled it measured 2x slower). Small models stay eager: compiling takes ~10 s."""
+        """``compile=None``: measured, not by size (`_KernelRunner`): eager measurements until the time they
+        took reaches the cost of one compilation, then compiled in the background. Only where it can pay:
+        fingerprints (fingerprint mode, or churn) compile to one fused pass, several times faster than
+        eager on CPU; a plain exact comparison is one eager pass already (compiled it measured 2x slower)."""
         if self.config.compile is None:
-            numel = sum(t.local().numel() for t in self.tracked)
             needs_fingerprint = self.mode == "fingerprint" or self.config.track_churn
-            self._kernel.use_compile = numel >= _COMPILE_AUTO_NUMEL and needs_fingerprint
+            self._kernel.use_compile = None if needs_fingerprint else False
+
+    def _warm_up_compiled_kernel(self) -> None:
+        """Run the compiled kernel once on small inputs of every signature `measure` uses (dtypes, device,
+        churn or not), so that it is compiled before the training thread calls it."""
+        seen = set()
+        for tracked in self.tracked:
+            state = self._states[tracked.name]
+            current = tracked.local()
+            device = current.device
+            previous = state.previous if self.config.track_churn else None
+            key = (current.dtype, state.dtype, state.reference.dtype, device, previous is None)
+            if key in seen:
+                continue
+            seen.add(key)
+            n = 4096
+            _compiled_kernel()(
+                torch.zeros(n, dtype=current.dtype, device=device),
+                torch.zeros(n, dtype=state.reference.dtype, device=device),
+                None if previous is None else torch.zeros(n, dtype=previous.dtype, device=device),
+                torch.zeros(n // 8, dtype=torch.uint8, device=device),
+                **self._kernel_options(state, update=True),
+            )
+
+    def _kernel_options(self, state: _TensorState, *, update: bool) -> dict[str, Any]:
+        return {
+            "compare_dtype": state.dtype,
+            "fingerprint_reference": self.mode == "fingerprint",
+            "bits": self.config.fingerprint_bits,
+            "atol": float(self.config.atol),
+            "update": update,
+        }
 
     def _patch_bytes_per_element(self, tracked: _TrackedTensor) -> int:
         """Bytes per changed element of a sparse patch of ``tracked``: its index within the full tensor
@@ -383,22 +417,13 @@ class SparsityTracker:
         return state, nonfinite
 
     def _run_chunk(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
-        current = _flat_chunk(flat, start, end, state.dtype)
+        current = _flat_chunk(flat, start, end, flat.dtype)  # as stored: the kernel converts (one pass)
         reference = state.reference[start:end]
         if self.mode == "exact" and reference.device != current.device:
             reference = reference.to(current.device, non_blocking=True)
         previous = state.previous[start:end] if (state.previous is not None and self.config.track_churn) else None
         ever = state.ever[start // 8 : end // 8]
-        return self._kernel(
-            current,
-            reference,
-            previous,
-            ever,
-            fingerprint_reference=self.mode == "fingerprint",
-            bits=self.config.fingerprint_bits,
-            atol=float(self.config.atol),
-            update=update,
-        )
+        return self._kernel(current, reference, previous, ever, **self._kernel_options(state, update=update))
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
         """The tracked parameters as they are now, by name; raises when the model changed shape, warns

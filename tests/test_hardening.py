@@ -33,7 +33,8 @@ def test_soak_rss_history_and_metric_keys_stay_bounded():
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 4))  # tiny: the loop, not the math
-    tracker = SparsityTracker(model, mode="fingerprint", per_tensor_metrics=False)
+    # compile=False: the loop's memory, not a one-time compilation (which a slow, busy machine could trigger)
+    tracker = SparsityTracker(model, mode="fingerprint", per_tensor_metrics=False, compile=False)
     tracker.snapshot()
     process = psutil.Process()
     generator = torch.Generator().manual_seed(0)

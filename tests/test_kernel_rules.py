@@ -1,0 +1,180 @@
+"""The fused measurement kernel (changed + churn + new fingerprint + counts in one pass) applies the one
+set of compare rules in `_rules`: NaN payloads, +-0, inf, subnormals, atol, compare-dtype casting; eager
+and compiled alike. And `compile=None` decides by measurement, off the training thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsity_callbacks import SparsityTracker
+from sparsity_callbacks._rules import _as_bits, _changed, _to_compare
+from sparsity_callbacks.reference import (
+    _compiled_kernel,
+    _fingerprint,
+    _kernel,
+    _KernelRunner,
+    _planar_to_bool,
+)
+
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _from_bits(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    width = 8 * torch.tensor([], dtype=dtype).element_size()
+    signed = [b - (1 << width) if b >= 1 << (width - 1) else b for b in bits]
+    return torch.tensor(signed, dtype=_INT[dtype]).view(dtype)
+
+
+# (reference bits, current bits) pairs in float32: every special case of the rules, plus ordinary steps.
+_F32_PAIRS = [
+    (0x7FC00000, 0x7FC00000),  # the same NaN: unchanged
+    (0x7FC00000, 0x7FC00001),  # NaN payload changes: changed
+    (0x7F800001, 0x7FC00000),  # signalling -> quiet NaN: changed
+    (0xFFC00000, 0x7FC00000),  # NaN sign: changed
+    (0x00000000, 0x80000000),  # +0 -> -0: changed (bits), unchanged with atol
+    (0x80000000, 0x80000000),  # -0 stays
+    (0x7F800000, 0x7F800000),  # inf stays
+    (0x7F800000, 0xFF800000),  # inf -> -inf: changed, also with atol
+    (0x7F7FFFFF, 0x7F800000),  # max float -> inf
+    (0x00000001, 0x00000002),  # subnormal one-ulp step
+    (0x00000001, 0x80000001),  # subnormal sign flip
+    (0x007FFFFF, 0x00800000),  # largest subnormal -> smallest normal
+    (0x3F800000, 0x3F800001),  # 1.0 + one ulp
+    (0x3F800000, 0x3F000000),  # 1.0 -> 0.5 (exponent only)
+    (0x3F800000, 0x3F800000 + 255),  # 255 ulps: the fingerprint's blind spot
+    (0x3F800000, 0x3F800000 + 7 * 256 * 256),  # bf16-visible step
+    (0x3F800000, 0x3F800000 + 0x7FFF),  # rounds to the same bf16
+    (0x3A83126F, 0x3A83126F ^ 0x10),  # 0.001, one bit
+    (0xBF800000, 0x3F800000),  # -1 -> 1
+    (0x7FC00000, 0x3F800000),  # NaN -> 1
+]
+
+
+def _case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    refs = _from_bits([r for r, _ in _F32_PAIRS], torch.float32)
+    curs = _from_bits([c for _, c in _F32_PAIRS], torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4000, generator=gen)
+    step = base.clone()
+    step[::3] += 1e-4 * torch.randn(step[::3].shape, generator=gen)
+    ref, cur = torch.cat([refs, base]), torch.cat([curs, step])
+    if dtype != torch.float32:
+        ref, cur = ref.to(dtype), cur.to(dtype)
+        cur[:8] = _from_bits([0x7FC0, 0x7FC1, 0x8000, 0x0001, 0x7F80, 0xFF80, 0x0000, 0x3F80], dtype)
+        ref[:8] = _from_bits([0x7FC0, 0x7FC0, 0x0000, 0x0002, 0x7F80, 0x7F80, 0x0000, 0x3F81], dtype)
+    return cur, ref
+
+
+def _run(kernel, cur, ref, compare_dtype, mode, atol):
+    n = (cur.numel() + 7) // 8 * 8
+    pad = n - cur.numel()
+    cur = torch.cat([cur, cur.new_zeros(pad)])
+    ref_values = torch.cat([_to_compare(ref, compare_dtype), torch.zeros(pad, dtype=compare_dtype)])
+    reference = _fingerprint(ref_values, 8) if mode == "fingerprint" else ref_values
+    previous = _fingerprint(ref_values, 8)
+    ever = torch.zeros(n // 8, dtype=torch.uint8)
+    changed, churn, stats = kernel(
+        cur,
+        reference,
+        previous,
+        ever,
+        compare_dtype=compare_dtype,
+        fingerprint_reference=mode == "fingerprint",
+        bits=8,
+        atol=atol,
+        update=True,
+    )
+    return _planar_to_bool(changed), _planar_to_bool(churn), stats, previous, ever, ref_values, cur
+
+
+CASES = [
+    (torch.float32, torch.float32, 0.0),
+    (torch.float32, torch.float32, 1e-3),
+    (torch.float32, torch.bfloat16, 0.0),
+    (torch.float32, torch.bfloat16, 1e-3),
+    (torch.bfloat16, torch.bfloat16, 0.0),
+    (torch.float16, torch.float16, 0.0),
+    (torch.bfloat16, torch.float32, 0.0),
+]
+
+
+def _check(kernel, dtype, compare_dtype, atol, mode):
+    cur, ref = _case(dtype)
+    changed, churn, stats, previous, ever, ref_values, padded = _run(kernel, cur, ref, compare_dtype, mode, atol)
+    values = _to_compare(padded, compare_dtype)
+    expected = _changed(values, ref_values, atol)  # the rules module
+    fp_now = _fingerprint(values, 8)
+    if mode == "exact":
+        assert torch.equal(changed, expected)
+    else:  # the fingerprint detects a subset of the bit changes: exactly those that change x mod 255
+        assert torch.equal(changed, fp_now != _fingerprint(ref_values, 8))
+        assert not (changed & ~_changed(values, ref_values, 0.0)).any()
+    assert torch.equal(churn, fp_now != _fingerprint(ref_values, 8))
+    assert torch.equal(previous, fp_now)  # the new fingerprint was stored
+    assert stats.tolist() == [
+        int(changed.sum()),
+        int(not bool(torch.isfinite(cur).all())),
+        int(churn.sum()),
+        int(changed.sum()),  # ever was empty: ever == changed
+    ]
+    assert torch.equal(_planar_to_bool(ever), changed)
+    assert expected[:20].any() and not expected[:20].all()  # the special cases exercise both outcomes
+
+
+@pytest.mark.parametrize("mode", ["exact", "fingerprint"])
+@pytest.mark.parametrize(("dtype", "compare_dtype", "atol"), CASES)
+def test_eager_kernel_applies_the_rules(dtype, compare_dtype, atol, mode):
+    _check(_kernel, dtype, compare_dtype, atol, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "compare_dtype", "atol"), [CASES[0], CASES[1], CASES[2]])
+def test_compiled_kernel_applies_the_rules(dtype, compare_dtype, atol):
+    for mode in ("exact", "fingerprint"):
+        _check(_compiled_kernel(), dtype, compare_dtype, atol, mode)
+
+
+def test_fingerprint_eager_equals_digit_sum_definition():
+    gen = torch.Generator().manual_seed(1)
+    for dtype, modulus in ((torch.float32, 255), (torch.bfloat16, 255), (torch.float64, 255)):
+        values = torch.randn(5000, generator=gen).to(dtype)
+        values[:4] = torch.tensor([float("nan"), float("-inf"), -0.0, -1e-40]).to(dtype)
+        bits = _as_bits(values).tolist()
+        width = 8 * values.element_size()
+        expected = [(b % (1 << width)) % modulus for b in bits]
+        assert _fingerprint(values, 8).tolist() == expected
+
+
+def test_compile_none_stays_eager_until_eager_time_pays_for_a_compile():
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1000)) for _ in range(3)])
+    tracker = SparsityTracker(model)  # compile=None
+    tracker.snapshot()
+    for _ in range(3):
+        tracker.measure()
+    runner = tracker._kernel
+    assert runner.use_compile is None and not runner.compiled
+    assert runner._thread is None and runner.eager_seconds < 1  # milliseconds of eager work never compile
+    exact_plain = SparsityTracker(model, mode="exact", track_churn=False)
+    exact_plain.snapshot()
+    assert exact_plain._kernel.use_compile is False  # nothing to fuse: one eager comparison
+
+
+def test_runner_compiles_in_the_background_once_eager_time_reaches_the_cost():
+    runner = _KernelRunner(None)
+    calls = []
+    runner.record_eager(4.0, lambda: calls.append("compiled"))
+    for _ in range(1000):
+        runner.record_eager(0.01, lambda: calls.append("compiled"))  # Python-bound calls do not count
+    assert runner._thread is None and runner.eager_seconds == 4.0
+    runner.record_eager(7.0, lambda: calls.append("compiled"))  # 11 s >= the 10 s estimate
+    assert runner.wait(60) and calls == ["compiled"]
+    failing = _KernelRunner(None)
+    failing.record_eager(60.0, lambda: 1 / 0)
+    assert not failing.wait(60) and failing.use_compile is False
+    with pytest.warns(UserWarning, match="torch.compile of the sparsity kernel failed.*ZeroDivisionError"):
+        cur = torch.zeros(8)
+        failing(cur, cur.clone(), None, torch.zeros(1, dtype=torch.uint8), **_OPTIONS)
+
+
+_OPTIONS = dict(compare_dtype=torch.float32, fingerprint_reference=False, bits=8, atol=0.0, update=True)
