@@ -52,9 +52,12 @@ class SparsityConfig:
             ``fingerprint_bits`` more per element on the device).
         chunk_numel: elements compared at once; bounds the extra device memory of ``exact`` mode to
             about ``chunk_numel * (2 * itemsize + 1)`` bytes.
-        compile: fuse each measurement into one `torch.compile`d kernel per chunk (about 5x faster on
-            CPU, ~10 s of compile at the first measurement). ``None``: only when at least 10 M elements are
-            tracked. Falls back to eager with a warning if compilation fails.
+        compile: fuse each measurement into one `torch.compile`d kernel per chunk (several times faster
+            on CPU; ~10 s of compile, once). True: compile at the first measurement; False: never. ``None``:
+            decided by measurement: eager until the eager measurements have taken as long as one
+            compilation, then compiled on a background thread (off the training thread's critical path);
+            a small model measured a few times never compiles. Falls back to eager with a warning if
+            compilation fails.
         reference_dir: if set, the ``exact`` reference is a memory-mapped file in this folder instead
             of RAM (for models larger than host RAM).
         freeze_mask: ``None``, ``"discover"``, a mask file path or an MLflow artifact URI

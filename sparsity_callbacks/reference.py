@@ -172,7 +172,9 @@ class _KernelRunner:
                 stacklevel=3,
             )
             self._failure = None
-        if self.use_compile is True or self.compiled:
+        # The warmed-up graph is the measuring one (update=True); another variant would compile on this
+        # thread, so under the measured decision `changed_mask` (update=False) stays eager.
+        if self.use_compile is True or (self.compiled and kwargs.get("update", True)):
             try:
                 out = _compiled_kernel()(*args, **kwargs)
                 self.compiled = True
