@@ -1,4 +1,5 @@
-"""Step-time overhead of `MaskFreezer` (AdamW, a ~21M-parameter stack of Linear layers, CPU by default).
+"""Step-time overhead of dense freezing (`MaskFreezer(compact_optimizer_state=False)`; AdamW, a ~21M-parameter
+stack of Linear layers, CPU by default). Compact optimizer state: ``benchmarks/freeze_memory.py``.
 
 Times the optimizer step alone and the full step (forward + backward + step) with and without the
 freezer, in the same process, repeats interleaved, median of ``--repeats`` after warm-up. Prints one
@@ -65,7 +66,9 @@ def main() -> None:
     base, frozen = _model(args.width, args.layers, args.device), _model(args.width, args.layers, args.device)
     gen = torch.Generator().manual_seed(1)
     mask = Mask({n: torch.rand(p.shape, generator=gen) < args.density for n, p in frozen.named_parameters()})
-    freezer = MaskFreezer(frozen, mask, compact=args.compact)
+    freezer = MaskFreezer(
+        frozen, mask, compact=args.compact, compact_optimizer_state=False
+    )  # dense: see freeze_memory.py
     optimizers = {}
     for label, model in (("baseline", base), ("freezer", frozen)):
         optimizers[label] = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=args.fused or None)

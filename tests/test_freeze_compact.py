@@ -307,9 +307,19 @@ def _mask_file(tmp_path, density: float = 0.3, prefix: str = "") -> str:
     return path
 
 
-def _hf_train(out_dir, name: str, mask_path: str, compact: bool, max_steps: int, resume: str | None = None, **extra):
-    """A `transformers.Trainer` run (clip by norm 0.5, 2 accumulation steps) with the user's own optimizer;
-    returns (model, weights after every optimizer step, callback)."""
+def _hf_train(
+    out_dir,
+    name: str,
+    mask_path: str,
+    compact: bool,
+    max_steps: int,
+    resume: str | None = None,
+    max_grad_norm: float = 0.5,
+    **extra,
+):
+    """A `transformers.Trainer` run (clip by norm ``max_grad_norm``, 2 accumulation steps) with the user's own
+    optimizer; returns (model, weights after every optimizer step, callback, compact optimizers during training,
+    whether the fully frozen embedding required grad during training)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from sparsity_callbacks.integrations.transformers import SparsityCallback
@@ -323,18 +333,19 @@ def _hf_train(out_dir, name: str, mask_path: str, compact: bool, max_steps: int,
 
     class Capture(TrainerCallback):
         def __init__(self):
-            self.weights, self.compact_optimizers = [], None
+            self.weights, self.compact_optimizers, self.embed_requires_grad = [], None, None
 
         def on_step_end(self, args, state, control, **kwargs):
             self.weights.append(_state(model))
             self.compact_optimizers = len(callback.freezer.compact_optimizers)
+            self.embed_requires_grad = model.model.embed_tokens.weight.requires_grad
 
     capture = Capture()
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        max_grad_norm=0.5,
+        max_grad_norm=max_grad_norm,
         max_steps=max_steps,
         logging_steps=1,
         report_to="none",
@@ -353,13 +364,13 @@ def _hf_train(out_dir, name: str, mask_path: str, compact: bool, max_steps: int,
         callbacks=[callback, capture],
     )
     trainer.train(resume_from_checkpoint=resume)
-    return model, capture.weights, callback, capture.compact_optimizers
+    return model, capture.weights, callback, capture.compact_optimizers, capture.embed_requires_grad
 
 
 def _check_hf(tmp_path, name: str) -> None:
     mask_path = _mask_file(tmp_path)
-    _, dense, _, _ = _hf_train(tmp_path / "dense", name, mask_path, False, 4, log_to_mlflow=False)
-    model, compact, _, compact_optimizers = _hf_train(
+    _, dense, _, _, _ = _hf_train(tmp_path / "dense", name, mask_path, False, 4, log_to_mlflow=False)
+    model, compact, _, compact_optimizers, _ = _hf_train(
         tmp_path / "compact", name, mask_path, True, 4, log_to_mlflow=False
     )
     assert len(dense) == len(compact) == 4
@@ -387,7 +398,8 @@ def test_hf_trainer_resume_with_compact_state_continues_bit_exactly(tmp_path, ml
     from mlflow import MlflowClient
 
     mask_path = _mask_file(tmp_path, density=0.2)
-    model, whole, callback, _ = _hf_train(tmp_path / "whole", "adamw", mask_path, True, 4)
+    model, whole, callback, _, embed_requires_grad = _hf_train(tmp_path / "whole", "adamw", mask_path, True, 4)
+    assert embed_requires_grad  # the Trainer clips by norm: fully frozen tensors keep their (zero) gradients
     saved = torch.load(tmp_path / "whole" / "checkpoint-2" / "optimizer.pt", weights_only=True)
     names = [n for n, _ in model.named_parameters()]
     up = "model.layers.0.mlp.up_proj.weight"
@@ -395,7 +407,7 @@ def test_hf_trainer_resume_with_compact_state_continues_bit_exactly(tmp_path, ml
     assert names.index(EMBED) not in saved["state"]  # fully frozen: no state saved
 
     # resume from checkpoint-2 in a fresh Trainer: steps 3 and 4 are bit-identical to the uninterrupted run
-    _, tail, _, _ = _hf_train(
+    _, tail, _, _, _ = _hf_train(
         tmp_path / "whole",
         "adamw",
         mask_path,
@@ -506,3 +518,13 @@ def test_lightning_resume_with_compact_state_continues_bit_exactly(tmp_path):
     for a, b in zip(whole[2:], tail):
         for tensor in a:
             assert torch.equal(a[tensor], b[tensor]), tensor
+
+
+def test_hf_trainer_without_clipping_stops_the_gradients_of_fully_frozen_tensors(tmp_path):
+    mask_path = _mask_file(tmp_path)
+    model, weights, _, compact_optimizers, embed_requires_grad = _hf_train(
+        tmp_path / "out", "adamw", mask_path, True, 2, max_grad_norm=0.0, log_to_mlflow=False
+    )
+    assert compact_optimizers == 1 and embed_requires_grad is False  # during training
+    assert model.model.embed_tokens.weight.requires_grad  # given back at the end
+    assert torch.equal(_state(model)[EMBED], _state(tiny_llama())[EMBED])
