@@ -301,6 +301,7 @@ def _mask_file(tmp_path, density: float = 0.3, prefix: str = "") -> str:
     model = tiny_llama()
     owner = torch.nn.ModuleDict({prefix.rstrip("."): model}) if prefix else model
     tracker = SparsityTracker(owner, SparsityConfig(mode="exact"))
+    tracker.snapshot()  # the reference-weight signatures that tie the mask to these base weights
     mask = {prefix + name: keep for name, keep in _mixed_mask(model, density).items()}
     path = str(tmp_path / f"mask{prefix}.safetensors")
     Mask(mask, signatures=tracker.signatures).save(path)
