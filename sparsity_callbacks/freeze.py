@@ -320,10 +320,11 @@ def _zero3_optimizer(optimizer: Any) -> Any | None:
 
 
 def _local_mask(keep: torch.Tensor, layout: _Layout, local: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full-tensor mask, in the shape of the local tensor ``local``."""
+    """This rank's slice of a full-tensor mask, in the shape of the local tensor ``local`` (a copy: a view
+    would keep the full mask alive)."""
     if not layout.sharded:
         return keep
-    return keep.reshape(-1)[layout.start : layout.start + layout.local_count].view(local.shape)
+    return keep.reshape(-1)[layout.start : layout.start + layout.local_count].view(local.shape).clone()
 
 
 def _queue_after_backward(callback: Any) -> None:
@@ -475,6 +476,9 @@ class MaskFreezer:
             with torch.no_grad():
                 bits = _bits(data.detach())
                 held = (data.dtype, tuple(data.shape))
+                # Sharded parameters keep the dense mechanism: FSDP2's optimizer steps DTensors (a plain compact
+                # tensor cannot join their foreach step), FSDP1's FSDP.optim_state_dict expects state shaped like
+                # each shard, ZeRO-3 steps DeepSpeed's flat fp32 partitions.
                 if compact_optimizer_state and layout.kind == "full" and kept == 0:
                     frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, fully_frozen=True)
                 elif compact_optimizer_state and layout.kind == "full" and data.is_contiguous():

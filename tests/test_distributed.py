@@ -26,6 +26,8 @@ from helpers import tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityTracker  # noqa: E402
 
+pytestmark = pytest.mark.distributed
+
 WORLD = 2
 VOCAB = 67  # odd: uneven Shard(0) of the embedding and lm_head
 EDITS = {  # flat indices in the full tensors; embed rank boundary at 34 rows * 16 = 544

@@ -658,6 +658,7 @@ def _single(kind: str, out_dir) -> dict:
         return json.load(f)
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, mlflow_server):
     from mlflow import MlflowClient
 
@@ -679,6 +680,7 @@ def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, m
     assert [v for _, v in curve] == pytest.approx([p["changed_fraction"] for p in single["history"]], abs=1e-12)
 
 
+@pytest.mark.distributed
 def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_path, mlflow_server):
     """FSDP2 (`ModelParallelStrategy` + `fully_shard` on the data-parallel mesh) runs on CPU with gloo.
     (FSDP1, ``strategy="fsdp"``, does not: see the README.)"""
@@ -786,6 +788,7 @@ def _freeze_fit(out_dir: str, devices: int, resume: bool) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
     """`ModelParallelStrategy` + FSDP2 with ``freeze_mask="discover"``: each rank freezes its shard of the
     gathered ever-changed mask; frozen elements stay bit-identical through clipping, weight decay and a
