@@ -181,8 +181,10 @@ def _save(tracker: SparsityTracker, path: str | os.PathLike) -> None:
     """Write `state_dict` to a safetensors file (atomic rename). No pickle."""
     from safetensors.torch import save_file
 
-    state = _state_dict(tracker)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"Cannot save the tracker state to {path!r}: it is a folder. HINT: give a file name.")
+    state = _state_dict(tracker)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in state["tensors"].items()}, tmp, metadata={"meta": state["meta"]})
     os.replace(tmp, path)
@@ -196,6 +198,9 @@ def _read_file(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Tracker state file {path!r} does not exist.")
+    if not os.path.isfile(path):  # a folder, or a FIFO / device that would block the reader
+        kind = "folder" if os.path.isdir(path) else "special file (not a regular file)"
+        raise ValueError(f"{path!r} is a {kind}, not a tracker state file.")
     try:
         with safe_open(path, framework="pt") as handle:
             meta = (handle.metadata() or {}).get("meta")

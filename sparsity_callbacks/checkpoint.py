@@ -147,8 +147,13 @@ def _shard_paths(root: str, index: str) -> list[str]:
     is refused without opening it."""
     try:
         with open(index, encoding="utf-8") as handle:
-            weight_map = json.load(handle)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            index_data = json.load(handle)
+        if not isinstance(index_data, dict) or "weight_map" not in index_data:
+            raise KeyError("weight_map")
+        weight_map = index_data["weight_map"]
+    except KeyError:
+        raise CheckpointError(f"{index!r} is not a JSON object with a `weight_map`. HINT: re-save the model.") from None
+    except (OSError, ValueError, TypeError, RecursionError) as err:
         reason = f"{type(err).__name__} at {err.pos}" if isinstance(err, json.JSONDecodeError) else type(err).__name__
         raise CheckpointError(
             f"Cannot read {index!r} ({reason}). HINT: the index is corrupt; re-save the model with `save_pretrained`."

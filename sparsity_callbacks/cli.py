@@ -737,6 +737,9 @@ def _from_report_json(data: Any, source: str):
     probability = found.get("changed_miss_probability") or 0.0
     if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
         raise ValueError(f"{source}: `changed_miss_probability` must be a probability in [0, 1], got {probability!r}.")
+    step = found.get("step")
+    if step is not None and (type(step) is not int or step < 0):
+        raise ValueError(f"{source}: `step` must be a non-negative integer or null, got {step!r:.40}.")
     kind = "diff report" if found.get("kind") == "sparsity_callbacks.diff" else "training report"
     m = Measurement(
         found.get("step"),

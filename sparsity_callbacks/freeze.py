@@ -426,6 +426,10 @@ class MaskFreezer:
         compact_optimizer_state: bool = True,
         stop_gradients: bool = False,
     ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(mask, Mask):
+            raise TypeError(f"`mask` must be a Mask, got {type(mask).__name__}. HINT: Mask.load(path) reads a file.")
         explicit = tracked is not None
         if tracked is None:
             tracked = _collect_parameters(model, SparsityConfig())[0]

@@ -145,9 +145,13 @@ class Mask:
         signatures: Mapping[str, str] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        if not isinstance(tensors, Mapping):
+            raise TypeError(f"`tensors` must map names to torch.bool tensors, got {type(tensors).__name__}.")
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._packed: dict[str, torch.Tensor] = {}
         for name, value in tensors.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"Mask tensor {name!r} must be a torch.bool tensor, got {type(value).__name__}.")
             if value.dtype != torch.bool:
                 raise TypeError(f"Mask tensor {name!r} must be torch.bool, got {value.dtype}.")
             self._shapes[name] = tuple(value.shape)
@@ -230,6 +234,10 @@ class Mask:
         chance baseline (`Overlap.chance_magnitude_matched`; strata: tensor × bf16 exponent of the base
         weight).
         """
+        if not isinstance(other, Mask):
+            raise TypeError(
+                f"`other` must be a Mask, got {type(other).__name__}. HINT: read a file with Mask.load(path)."
+            )
         self._check_same_layout(other, "other mask")
         if reference is not None:
             missing = [n for n in self._shapes if n not in reference]
@@ -284,6 +292,9 @@ class Mask:
         """Write a safetensors file: one uint8 tensor of packed bits per name, JSON metadata."""
         from safetensors.torch import save_file
 
+        if os.path.isdir(path):
+            raise ValueError(f"Cannot save the mask to {os.fspath(path)!r}: it is a folder. HINT: give a file name.")
+
         metadata = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -306,6 +317,8 @@ class Mask:
         Raises `ValueError` for a file that is not a valid mask (truncated, corrupt, another format).
         Only safetensors and JSON are parsed: loading cannot execute code.
         """
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"`source` must be a path or an MLflow URI, got {type(source).__name__}.")
         source = os.fspath(source)
         if source.startswith(_URI_SCHEMES):
             return cls._load_uri(source)

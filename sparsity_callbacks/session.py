@@ -119,6 +119,8 @@ class _SparsitySession:
         is_rank_zero: only rank 0 logs and writes shared files; every rank measures (sharded counts
             are summed with a collective, so all ranks must call `on_optimizer_step` alike).
         default_every_n_steps: the framework's logging interval, used when ``config.every_n_steps`` is None.
+        log_step_offset: metrics measured after optimizer step ``k`` are logged at step ``k + log_step_offset``:
+            0 for HF (its ``loss`` of step ``k`` is logged at ``k``), -1 for Lightning (at ``k - 1``).
         run_id / tracking_uri: log into this MLflow run (e.g. Lightning's MLFlowLogger); otherwise the
             sink reuses ``mlflow.active_run()`` or starts one.
         clips_grad_norm: whether the framework may clip gradients by norm. When it does not, fully frozen
@@ -135,7 +137,9 @@ class _SparsitySession:
         tracking_uri: str | None = None,
         extra_params: dict[str, str] | None = None,
         clips_grad_norm: bool = True,
+        log_step_offset: int = 0,
     ) -> None:
+        self._log_step_offset = log_step_offset
         self.is_rank_zero = is_rank_zero
         self.every_n_steps = config.every_n_steps or max(1, int(default_every_n_steps))
         # the effective options: masks, report.json and params record the interval actually used
@@ -254,7 +258,12 @@ class _SparsitySession:
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.sink is not None:
-            self.sink.log_metrics(metrics, step)
+            self.sink.log_metrics(metrics, self.log_step(step))
+
+    def log_step(self, step: int) -> int:
+        """The step a measurement after optimizer step ``step`` is logged at: ``step + log_step_offset``
+        (never below 0), the step at which the framework logs its own ``loss`` for that optimizer step."""
+        return max(0, step + self._log_step_offset)
 
     def _announce_charts(self) -> None:
         """Print where the charts are and keep it as the run tag ``sparsity.charts``."""

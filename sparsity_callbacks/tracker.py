@@ -95,6 +95,8 @@ class SparsityTracker:
     """
 
     def __init__(self, model: torch.nn.Module, config: SparsityConfig | None = None, **overrides: Any) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.config = _resolve_config(config, overrides)
         self.tracked, self.skipped = _collect_parameters(model, self.config)

@@ -400,3 +400,52 @@ def test_json_output_into_a_missing_folder_creates_nothing(tmp_path, capsys):
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_folders_and_fifos_as_state_or_mask_files_get_clear_messages(tmp_path):
+    from sparsity_callbacks import Mask
+
+    tracker = SparsityTracker(torch.nn.Linear(4, 4), SparsityConfig(mode="exact"))
+    tracker.snapshot()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"'.*folder' is a folder, not a tracker state file"):  # was OSError ENODEV
+        tracker.load(folder)
+    with pytest.raises(ValueError, match=r"Cannot save the tracker state to '.*folder': it is a folder"):
+        tracker.save(folder)
+    with pytest.raises(ValueError, match=r"Cannot save the mask to '.*folder': it is a folder"):
+        Mask({"w": torch.ones(2, dtype=torch.bool)}).save(folder)
+    if hasattr(os, "mkfifo"):  # a FIFO would block the reader forever
+        os.mkfifo(tmp_path / "fifo.safetensors")
+        with pytest.raises(ValueError, match=r"is a special file \(not a regular file\)"):
+            tracker.load(tmp_path / "fifo.safetensors")
+        with pytest.raises(ValueError, match=r"is a special file \(not a regular file\)"):
+            Mask.load(tmp_path / "fifo.safetensors")
+
+
+def test_report_json_with_a_nonsense_step_is_refused(tmp_path, capsys):
+    from sparsity_callbacks.cli import main
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"step": "x", "tensors": {"w": {"numel": 4, "changed": 1}}}))
+    assert main(["report", str(path), "--png", str(tmp_path / "h.png")]) == 1
+    assert "`step` must be a non-negative integer or null, got 'x'" in capsys.readouterr().err
+
+
+def test_wrong_types_on_the_public_api_get_type_errors_that_say_what_is_expected():
+    from sparsity_callbacks import Mask, MaskFreezer
+
+    model = torch.nn.Linear(4, 4)
+    mask = Mask({"weight": torch.ones(4, 4, dtype=torch.bool), "bias": torch.ones(4, dtype=torch.bool)})
+    cases = [  # each was an AttributeError from deep inside
+        (lambda: mask.overlap("other.safetensors"), r"`other` must be a Mask, got str\. HINT: .*Mask\.load"),
+        (lambda: Mask({"a": [1, 2]}), r"Mask tensor 'a' must be a torch\.bool tensor, got list"),
+        (lambda: Mask([torch.ones(2, dtype=torch.bool)]), r"`tensors` must map names to torch\.bool tensors"),
+        (lambda: SparsityTracker(None), r"`model` must be a torch\.nn\.Module, got NoneType"),
+        (lambda: MaskFreezer(model, "mask.safetensors"), r"`mask` must be a Mask, got str"),
+        (lambda: MaskFreezer(None, mask), r"`model` must be a torch\.nn\.Module, got NoneType"),
+        (lambda: Mask.load(None), r"`source` must be a path or an MLflow URI, got NoneType"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()

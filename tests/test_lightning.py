@@ -166,7 +166,8 @@ def test_metrics_land_in_the_mlflow_loggers_run_at_the_right_steps(tmp_path, mlf
     runs = client.search_runs([logger.experiment_id])
     assert [r.info.run_id for r in runs] == [logger.run_id]  # no second run for one fit
     curve = _metric_steps(client, logger.run_id)
-    assert [s for s, _ in curve] == [2, 4, 5]  # every log_every_n_steps, and at the end
+    # after optimizer steps 2, 4 (every log_every_n_steps) and 5 (the end), at Lightning's step for each: k - 1
+    assert [s for s, _ in curve] == [1, 3, 4]
     changed, numel = _recount(reference, module)
     assert 0 < changed < numel  # unused embedding rows stay unchanged
     assert curve[-1][1] == pytest.approx(changed / numel, abs=1e-12)
@@ -206,7 +207,7 @@ def test_csv_logger_sees_the_headline_metrics_and_a_new_mlflow_run_is_made(tmp_p
 
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("sparsity/changed_fraction")]
-    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert [int(r["step"]) for r in rows] == [2, 5]  # optimizer steps 3 and 6, at Lightning's steps
     for key in ("sparsity/ever_changed_fraction", "sparsity/update_sparsity"):
         assert all(r[key] for r in rows), key
     assert [bool(r["sparsity/churn_fraction"]) for r in rows] == [False, True]  # churn needs a previous measurement
@@ -215,7 +216,7 @@ def test_csv_logger_sees_the_headline_metrics_and_a_new_mlflow_run_is_made(tmp_p
     client = MlflowClient(mlflow_local)
     runs = client.search_runs(["0"])
     assert len(runs) == 1  # the sink's own run in the default store, one per fit
-    assert [s for s, _ in _metric_steps(client, runs[0].info.run_id)] == [3, 6]
+    assert [s for s, _ in _metric_steps(client, runs[0].info.run_id)] == [2, 5]
 
 
 # --- steps -------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def test_resume_continues_the_curve_from_the_original_reference(tmp_path, mlflow
     assert callback.last_measurement.total.changed == changed
     assert callback.last_measurement.total.ever_changed >= first.last_measurement.total.ever_changed
     curve = _metric_steps(MlflowClient(mlflow_local), run_id)
-    assert [s for s, _ in curve] == [2, 4, 6, 8]
+    assert [s for s, _ in curve] == [1, 3, 5, 7]  # optimizer steps 2..8, at Lightning's step for each
     assert curve[-1][1] == pytest.approx(changed / numel, abs=1e-12)
 
     # The same 8 steps without interruption give the same curve.
@@ -540,7 +541,7 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(tmp_path, mlflow_
 
     (run,) = client.search_runs(experiments)  # one run for the whole training
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
-    assert {s for s, _ in _metric_steps(client, run.info.run_id)} == {1, 2, 3, 4, 5, 6}
+    assert {s for s, _ in _metric_steps(client, run.info.run_id)} == {0, 1, 2, 3, 4, 5}
     deleted = client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)
     assert len(deleted) == (1 if with_logger else 0)  # the empty run the new MLFlowLogger opened
 
@@ -549,6 +550,32 @@ def test_two_sparsity_callbacks_are_refused(tmp_path):
     # Lightning itself refuses two stateful callbacks with one state key, when the Trainer is built.
     with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `SparsityCallback`"):
         _trainer(tmp_path, [SparsityCallback(), SparsityCallback(every_n_steps=2)], max_steps=1)
+
+
+class _LoggingLM(LitLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sparsity_steps_line_up_with_lightnings_own_loss(tmp_path, mlflow_local, accumulate):
+    """Lightning logs the loss of the batch(es) of optimizer step k at step k - 1; the measurement after
+    optimizer step k is logged at the same step, so the curves line up (same steps, same count)."""
+    from mlflow import MlflowClient
+
+    logger = MLFlowLogger(experiment_name="steps", tracking_uri=mlflow_local)
+    callback = SparsityCallback(mode="exact", every_n_steps=1)
+    trainer = _trainer(
+        tmp_path, [callback], max_steps=4, logger=logger, log_every_n_steps=1, accumulate_grad_batches=accumulate
+    )
+    trainer.fit(_LoggingLM(), _data(4 * accumulate))
+    client = MlflowClient(mlflow_local)
+    loss_steps = sorted({m.step for m in client.get_metric_history(logger.run_id, "loss")})
+    assert loss_steps == [0, 1, 2, 3]
+    assert [s for s, _ in _metric_steps(client, logger.run_id)] == loss_steps
+    assert [int(p["step"]) for p in callback.session.tracker.history] == [1, 2, 3, 4]  # optimizer steps
 
 
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
@@ -676,7 +703,7 @@ def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, m
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [ranks[0]["run_id"]]  # exactly one writer, one run
     curve = _metric_steps(client, ranks[0]["run_id"])
-    assert [s for s, _ in curve] == [2, 4, 6]  # one value per step, not one per rank
+    assert [s for s, _ in curve] == [1, 3, 5]  # one value per step, not one per rank
     assert [v for _, v in curve] == pytest.approx([p["changed_fraction"] for p in single["history"]], abs=1e-12)
 
 
@@ -700,7 +727,7 @@ def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_p
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("dist-fsdp2")
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [ranks[0]["run_id"]]
-    assert [s for s, _ in _metric_steps(client, ranks[0]["run_id"])] == [2, 4, 6]
+    assert [s for s, _ in _metric_steps(client, ranks[0]["run_id"])] == [1, 3, 5]
     # the mask artifact is the full mask, gathered from both shards (every rank joins the gather)
     local = client.download_artifacts(ranks[0]["run_id"], "sparsity/mask.safetensors", str(tmp_path / "artifacts"))
     mask = Mask.load(local)

@@ -56,10 +56,12 @@ class SparsityCallback(pl.Callback):
                           callbacks=[SparsityCallback(compare_dtype="bfloat16")])
         trainer.fit(model, datamodule)
 
-    Steps: the step of every figure is ``trainer.global_step`` after the optimizer step, Lightning's count of
-    optimizer steps. With automatic optimization and ``accumulate_grad_batches=k`` that is one step per ``k``
-    batches; with manual optimization it counts every ``optimizer.step()`` of every optimizer (two optimizers
-    stepped per batch advance it by two). The weights are compared at the end of each training batch in which
+    Steps: measurements follow ``trainer.global_step`` after the optimizer step, Lightning's count of
+    optimizer steps; the figures of the measurement after optimizer step ``k`` are logged at step ``k - 1``,
+    where Lightning logs its own ``loss`` of the batches of that step, so the curves line up. With automatic
+    optimization and ``accumulate_grad_batches=k`` that is one step per ``k`` batches; with manual
+    optimization it counts every ``optimizer.step()`` of every optimizer (two optimizers stepped per batch
+    advance it by two). The weights are compared at the end of each training batch in which
     ``global_step`` crossed a multiple of ``every_n_steps`` (default: ``Trainer(log_every_n_steps=...)``),
     i.e. after all optimizer steps of that batch, and once more when training ends. The reference is taken in
     ``on_train_start``: after the checkpoint of ``trainer.fit(ckpt_path=...)`` (weights, optimizer state,
@@ -136,8 +138,11 @@ class SparsityCallback(pl.Callback):
             tracking_uri=self.config.mlflow_tracking_uri or tracking_uri,
             extra_params={
                 "sparsity.framework": f"{pl.__name__} {pl.__version__}",
-                "sparsity.step": "trainer.global_step (optimizer steps)",
+                "sparsity.step": "trainer.global_step - 1 (the step of Lightning's own loss for that optimizer step)",
             },
+            # Lightning logs a batch's `loss` before its optimizer step counts (at global_step - 1): the
+            # measurement after optimizer step k goes to step k - 1, so the two curves line up.
+            log_step_offset=-1,
             clips_grad_norm=_may_clip_grad_norm(trainer, pl_module),
         )
         self._session.start(pl_module, list(trainer.optimizers), step, resume_dir=resume_dir)
@@ -275,7 +280,7 @@ class SparsityCallback(pl.Callback):
             return
         headline = _headline(measurement)
         for logger in loggers:
-            logger.log_metrics(headline, step=trainer.global_step)
+            logger.log_metrics(headline, step=self._session.log_step(trainer.global_step))
 
     def _close(self) -> None:
         if self._session is not None:
