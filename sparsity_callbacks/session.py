@@ -280,8 +280,8 @@ class _SparsitySession:
 
     def _open_sink(self, saved: dict[str, Any] | None = None) -> None:
         """Open the sink. ``saved``: the run of the checkpoint being resumed (`_saved_run`): logged into again
-        (one run per training, also after a crash) unless a run was given explicitly or it lives under
-        another tracking URI than this training's; a run the sink had created is finished at the end."""
+        when it is still RUNNING (its training was killed: one run per training) and no run was given
+        explicitly or by the framework; a run the sink had created is finished at the end."""
         if not (self.config.log_to_mlflow and self.is_rank_zero):
             return
         try:
