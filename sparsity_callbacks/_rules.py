@@ -56,6 +56,14 @@ def _to_compare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return converted.masked_fill_(converted.isnan(), float("nan"))
 
 
+def _representable(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool per element: ``values`` converted to ``dtype`` and back give the same value, so a comparison in
+    ``dtype`` starts from the element's own value (NaN and inf count as representable)."""
+    if values.dtype == dtype:
+        return torch.ones_like(values, dtype=torch.bool)
+    return (values.to(dtype).to(values.dtype) == values) | values.isnan()
+
+
 def _bits_differ(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Bool per element: the bits differ (rule 2). Both in the same dtype."""
     return _as_bits(current) != _as_bits(reference)

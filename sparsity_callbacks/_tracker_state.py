@@ -32,6 +32,7 @@ class _TensorState:
     previous: torch.Tensor | None
     ever: torch.Tensor
     signature: str
+    native: torch.Tensor | None = None  # fingerprint of the values in the parameter's own dtype (compare_dtype set)
 
 
 def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
@@ -46,6 +47,7 @@ def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
         "has_previous": tracker._has_previous,
         "previous_step": tracker._previous_step,
         "reference_nonfinite": tracker._reference_nonfinite,
+        "reference_representable_fraction": tracker.reference_representable_fraction,
         "fingerprint_bits": tracker.config.fingerprint_bits,
         "history": tracker.history,
         "tensors": {
@@ -59,6 +61,8 @@ def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
         tensors[f"ever/{name}"] = s.ever.detach().cpu()
         if s.previous is not None:
             tensors[f"previous/{name}"] = s.previous.detach().cpu()
+        if s.native is not None:
+            tensors[f"native/{name}"] = s.native.detach().cpu()
     return {"meta": json.dumps(meta), "tensors": tensors}
 
 
@@ -153,6 +157,9 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             reference = reference.to(device)
         if previous is not None:
             previous = previous.to(device)
+        native = tensors.get(f"native/{tracked.name}")
+        if native is not None and (native.numel() != padded or native.dtype != fp_dtype):
+            native = None  # not this config's fingerprints: the native count is not reported after resume
         states[tracked.name] = _TensorState(
             numel=info["numel"],
             shape=tuple(info["shape"]),
@@ -161,8 +168,13 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             previous=previous,
             ever=ever.to(device),
             signature=info["signature"],
+            native=None if native is None else native.to(device),
         )
+    if not all(s.native is not None for s in states.values()):
+        for s in states.values():
+            s.native = None
     tracker._states = states
+    tracker.reference_representable_fraction = meta.get("reference_representable_fraction")
     tracker.mode_reason = meta["mode_reason"] + " (restored)"
     tracker._reference_nonfinite = int(meta.get("reference_nonfinite", 0))
     tracker._has_previous = bool(meta["has_previous"]) and all(s.previous is not None for s in states.values())

@@ -747,6 +747,7 @@ def _from_report_json(data: Any, source: str):
         tensors,
         has_churn=False,
         changed_miss_probability=float(probability),
+        fingerprint_estimate="detected" if found.get("fingerprint_estimate") == "detected" else "corrected",
     )
     extra = []
     if kind == "diff report":

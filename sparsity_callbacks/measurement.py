@@ -73,6 +73,13 @@ class Measurement:
             previous measurement was at the previous step (``every_n_steps=1``), else None. The detected
             count, not miss-corrected: exact for every change of fewer than ``2**fingerprint_bits - 1``
             ulps (RL's one-ulp steps); a larger change is missed with probability ``churn_miss_probability``.
+        fingerprint_estimate: how fingerprint counts (``changed`` in fingerprint mode, ``churn``) become
+            figures: ``"detected"`` (the count as detected; used when the compare dtype is 16-bit, where
+            changes are a few ulps and always detected) or ``"corrected"`` (divided by 1 - miss probability;
+            32-bit compare, where most changes are 255 ulps or more). The upper bound is reported with both.
+        changed_native: with a ``compare_dtype`` that differs from the parameters' dtype, elements detected
+            as changed in the parameters' own dtype (fingerprints: a change of 255 ulps or more is missed
+            with ``native_miss_probability``), else None.
         step_delta_bytes: bytes of a lossless sparse patch from the previous step to this one (per tensor:
             int32 indices, int64 for tensors of 2**31 elements or more, plus the values in the compare
             dtype) for the ``step_changed`` elements; None when ``step_changed`` is.
@@ -88,6 +95,9 @@ class Measurement:
     skipped: Mapping[str, str] = field(default_factory=dict)
     step_changed: int | None = None
     step_delta_bytes: int | None = None
+    fingerprint_estimate: str = "corrected"
+    changed_native: int | None = None
+    native_miss_probability: float = 0.0
 
     # --- totals ----------------------------------------------------------------------------------
     @property
@@ -99,10 +109,16 @@ class Measurement:
         """Tracked elements."""
         return self.total.numel
 
+    def _estimate(self, detected: int, miss_probability: float) -> int | float:
+        """A fingerprint count as reported: the detected count itself, or corrected (``fingerprint_estimate``)."""
+        if self.fingerprint_estimate == "detected":
+            return detected
+        return _corrected(detected, miss_probability)
+
     @property
     def changed(self) -> int | float:
-        """Elements differing from the reference now (an int; a corrected estimate in fingerprint mode)."""
-        return _corrected(self.total.changed, self.changed_miss_probability)
+        """Elements differing from the reference now (fingerprint mode: see ``fingerprint_estimate``)."""
+        return self._estimate(self.total.changed, self.changed_miss_probability)
 
     @property
     def changed_upper(self) -> int | float:
@@ -117,8 +133,8 @@ class Measurement:
 
     @property
     def churn(self) -> int | float:
-        """Elements changed since the previous measurement (corrected estimate)."""
-        return _corrected(self.total.churn, self.churn_miss_probability)
+        """Elements changed since the previous measurement (see ``fingerprint_estimate``)."""
+        return self._estimate(self.total.churn, self.churn_miss_probability)
 
     def _fraction(self, count: float) -> float:
         return count / self.numel if self.numel else math.nan
@@ -132,6 +148,15 @@ class Measurement:
     def ever_changed_fraction(self) -> float:
         """Fraction in [0, 1] of tracked elements changed at any measurement (cumulative)."""
         return min(1.0, self._fraction(self.ever_changed))
+
+    @property
+    def changed_fraction_native(self) -> float | None:
+        """Fraction in [0, 1] of tracked elements changed in the parameters' own dtype (what moved, before
+        rounding to ``compare_dtype``; corrected estimate of fingerprint counts), or None without a
+        compare dtype."""
+        if self.changed_native is None:
+            return None
+        return min(1.0, self._fraction(_corrected(self.changed_native, self.native_miss_probability)))
 
     @property
     def update_sparsity(self) -> float:

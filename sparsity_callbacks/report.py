@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sparsity_callbacks.measurement import Measurement, TensorCounts, _corrected
+from sparsity_callbacks.measurement import Measurement, TensorCounts
 
 __all__ = ["PREFIX", "Measurement", "TensorCounts"]
 
@@ -47,9 +47,11 @@ def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
         metrics[f"{PREFIX}changed_fraction_upper"] = min(1.0, m._fraction(m.changed_upper))
     if m.nonfinite:
         metrics[f"{PREFIX}nonfinite_elements"] = float(m.nonfinite)
+    if m.changed_native is not None:
+        metrics[f"{PREFIX}changed_fraction_native"] = m.changed_fraction_native
 
     def fraction(c: TensorCounts) -> float:
-        return min(1.0, _corrected(c.changed, p) / c.numel) if c.numel else math.nan
+        return min(1.0, m._estimate(c.changed, p) / c.numel) if c.numel else math.nan
 
     layers = m.by_layer()
     width = max(2, len(str(max(layers, default=0))))
@@ -83,6 +85,8 @@ def _summary(m: Measurement) -> dict[str, Any]:
         "step_changed_fraction": m.step_changed_fraction,
         "step_delta_bytes": m.step_delta_bytes,
         "changed_miss_probability": m.changed_miss_probability,
+        "fingerprint_estimate": m.fingerprint_estimate,
+        "changed_fraction_native": m.changed_fraction_native,
         "nonfinite": m.nonfinite,
         "skipped": dict(m.skipped),
         "module_types": {k: row(v) for k, v in sorted(m.by_module_type().items())},

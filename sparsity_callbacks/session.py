@@ -318,6 +318,8 @@ class _SparsitySession:
                 "sparsity.every_n_steps": str(self.every_n_steps),
             }
         )
+        if tracker.reference_representable_fraction is not None:
+            params["sparsity.reference_representable_fraction"] = f"{tracker.reference_representable_fraction:.6f}"
         params.update(self._extra_params)
         self.sink.log_params(params)
 

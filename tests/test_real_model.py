@@ -84,5 +84,12 @@ def test_grpo_on_smollm2_logs_the_bf16_changed_fraction_of_the_saved_weights(
     assert last.step == 3
     assert last.value == pytest.approx(changed / numel, rel=1e-12, abs=0)
     assert callback.last_measurement.changed == changed
-    params = client.get_run(callback.run_id).data.params
-    assert params["sparsity.compare_dtype"] == "bfloat16"
+    run = client.get_run(callback.run_id)
+    assert run.data.params["sparsity.compare_dtype"] == "bfloat16"
+    # the precision gate: the dequantized weights are mostly not bf16 values, and the param says how many are
+    flat = torch.cat([p.reshape(-1) for p in base.values()])
+    representable = (flat.to(torch.bfloat16).float() == flat).float().mean().item()
+    assert float(run.data.params["sparsity.reference_representable_fraction"]) == pytest.approx(representable, abs=1e-6)
+    assert representable < 0.99
+    # what moved in fp32 is at least what shows in bf16
+    assert run.data.metrics["sparsity/changed_fraction_native"] >= last.value

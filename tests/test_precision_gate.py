@@ -1,0 +1,105 @@
+"""The bf16 precision gate (arXiv 2511.08567) in the tracker: the representable fraction of the reference, the
+native-dtype changed fraction beside the compare-dtype one, and the fingerprint estimator per regime."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparsity_callbacks import SparsityTracker
+
+
+def _model(numel: int = 4000, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(numel // 40, 40, bias=False)
+    with torch.no_grad():
+        model.weight.normal_(0, 0.05)
+    return model
+
+
+def _round_to_bf16(model: torch.nn.Module, fraction: float = 1.0) -> int:
+    """Round the first ``fraction`` of the weights to bf16 values (fp32 storage); returns how many now are."""
+    with torch.no_grad():
+        flat = model.weight.view(-1)
+        k = int(flat.numel() * fraction)
+        flat[:k] = flat[:k].to(torch.bfloat16).float()
+        return int((flat.to(torch.bfloat16).float() == flat).sum())
+
+
+def _next_bf16_up(values: torch.Tensor) -> torch.Tensor:
+    """Each bf16-representable fp32 value moved one bf16 ulp away from zero."""
+    return (values.to(torch.bfloat16).view(torch.int16) + 1).view(torch.bfloat16).float()
+
+
+def test_representable_fraction_is_the_exact_count_and_warns_once_with_its_meaning():
+    model = _model()
+    representable = _round_to_bf16(model, fraction=0.5)
+    tracker = SparsityTracker(model, compare_dtype="bfloat16", mode="exact")
+    with pytest.warns(UserWarning, match=r"Only 50\.\d% of the reference weights are exactly representable in bf"):
+        tracker.snapshot()
+    assert tracker.reference_representable_fraction == representable / 4000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tracker
+        tracker.snapshot()
+
+
+def test_no_warning_for_a_representable_reference_and_no_fraction_without_compare_dtype():
+    model = _model()
+    _round_to_bf16(model)
+    tracker = SparsityTracker(model, compare_dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.snapshot()
+    assert tracker.reference_representable_fraction == 1.0
+    plain = SparsityTracker(model)
+    plain.snapshot()
+    assert plain.reference_representable_fraction is None
+    assert "sparsity/changed_fraction_native" not in plain.measure(1).to_metrics()
+
+
+@pytest.mark.parametrize("mode", ["exact", "fingerprint"])
+def test_native_changed_fraction_sees_what_bf16_hides(mode):
+    """fp32 steps far below half a bf16 ulp of a bf16-rounded base: nothing changed in bf16, all moved in fp32."""
+    model = _model()
+    _round_to_bf16(model)
+    tracker = SparsityTracker(model, compare_dtype="bfloat16", mode=mode)
+    tracker.snapshot()
+    with torch.no_grad():
+        w = model.weight.view(-1)
+        w[:1000] = torch.nextafter(w[:1000], torch.full_like(w[:1000], float("inf")))  # one fp32 ulp
+        w[1000:1500] = _next_bf16_up(w[1000:1500])  # one bf16 ulp
+    m = tracker.measure(1)
+    assert m.changed == 500  # only the bf16 moves show in bf16
+    assert m.changed_native == 1500  # one-ulp changes: every one detected by the native fingerprint
+    assert m.changed_fraction_native == pytest.approx(1500 / (1 - 1 / 255) / 4000)
+    assert m.to_metrics()["sparsity/changed_fraction_native"] == m.changed_fraction_native
+    # resume keeps the native reference and the representable fraction
+    again = SparsityTracker(model, compare_dtype="bfloat16", mode=mode)
+    again.load_state_dict(tracker.state_dict())
+    assert again.measure(2).changed_native == 1500
+    assert again.reference_representable_fraction == 1.0
+
+
+def test_fingerprint_estimate_is_the_detected_count_in_bf16_and_corrected_in_fp32():
+    """10 % of the elements moved by one ulp of the compared dtype: detected exactly by the 8-bit fingerprint.
+    Compared in bf16 (the regime where changes are a few ulps) the figure is the detected count; in fp32
+    (where most changes are >= 255 ulps and 1/255 of them are missed) the corrected estimate."""
+    model = _model()
+    _round_to_bf16(model)
+    bf16 = SparsityTracker(model, compare_dtype="bfloat16", mode="fingerprint")
+    fp32 = SparsityTracker(model, mode="fingerprint", track_churn=True)
+    bf16.snapshot()
+    fp32.snapshot()
+    bf16.measure(1)
+    fp32.measure(1)
+    with torch.no_grad():
+        w = model.weight.view(-1)
+        w[:400] = _next_bf16_up(w[:400])
+    m16, m32 = bf16.measure(2), fp32.measure(2)
+    assert m16.fingerprint_estimate == "detected" and m32.fingerprint_estimate == "corrected"
+    assert m16.changed_fraction == 0.1 and m16.churn_fraction == 0.1
+    assert m16.to_metrics()["sparsity/changed_fraction_upper"] > 0.1  # the bound stays beside it
+    assert m32.changed_fraction == pytest.approx(0.1 / (1 - 1 / 255))
+    assert m32.churn_fraction == pytest.approx(0.1 / (1 - 1 / 255))
