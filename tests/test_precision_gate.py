@@ -103,3 +103,43 @@ def test_fingerprint_estimate_is_the_detected_count_in_bf16_and_corrected_in_fp3
     assert m16.to_metrics()["sparsity/changed_fraction_upper"] > 0.1  # the bound stays beside it
     assert m32.changed_fraction == pytest.approx(0.1 / (1 - 1 / 255))
     assert m32.churn_fraction == pytest.approx(0.1 / (1 - 1 / 255))
+
+
+def test_trainer_run_logs_the_representable_fraction_param_and_the_native_metric(mlflow_local, tmp_path):
+    """A real HF Trainer on a tiny Llama whose weights are fp32 (almost none bf16 values): the param, the
+    warning, and sparsity/changed_fraction_native >= sparsity/changed_fraction at every step."""
+    from datasets import Dataset
+    from helpers import tiny_llama
+    from mlflow import MlflowClient
+    from transformers import Trainer, TrainingArguments
+
+    from sparsity_callbacks import SparsityCallback
+
+    model = tiny_llama()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    representable = int((flat.to(torch.bfloat16).float() == flat).sum()) / flat.numel()
+    ids = torch.randint(4, 20, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-5,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = SparsityCallback(compare_dtype="bfloat16", log_artifacts=False)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}), callbacks=[callback]
+    )
+    with pytest.warns(UserWarning, match=r"exactly representable in bfloat16"):
+        trainer.train()
+    client = MlflowClient(mlflow_local)
+    run = client.get_run(callback.run_id)
+    assert float(run.data.params["sparsity.reference_representable_fraction"]) == pytest.approx(representable, abs=1e-6)
+    native = {m.step: m.value for m in client.get_metric_history(callback.run_id, "sparsity/changed_fraction_native")}
+    bf16 = {m.step: m.value for m in client.get_metric_history(callback.run_id, "sparsity/changed_fraction")}
+    assert sorted(native) == sorted(bf16) == [1, 2, 3]
+    assert all(native[s] >= bf16[s] for s in native) and native[3] > 0.5
