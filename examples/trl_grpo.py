@@ -70,14 +70,15 @@ def _text(completion) -> str:
     return completion
 
 
-def _first_integer(text: str) -> str | None:
-    match = re.search(r"-?\d+", text.replace(",", ""))
-    return match.group(0) if match else None
+def _last_integer(text: str) -> str | None:
+    numbers = re.findall(r"-?\d+", text.replace(",", ""))
+    return numbers[-1] if numbers else None
 
 
 def correct_sum_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
-    """Verifiable reward: 1.0 when the first integer in the completion is the right sum, else 0.0."""
-    return [1.0 if _first_integer(_text(c)) == a else 0.0 for c, a in zip(completions, answer)]
+    """Verifiable reward: 1.0 when the last integer in the completion is the right sum, else 0.0 (the model
+    often restates the question first: "17 + 25 = 42")."""
+    return [1.0 if _last_integer(_text(c)) == a else 0.0 for c, a in zip(completions, answer)]
 
 
 def brevity_reward(completions: list, **kwargs) -> list[float]:
