@@ -48,6 +48,12 @@ def _model() -> torch.nn.Module:
     return tiny_llama(vocab_size=VOCAB)
 
 
+def _held_bytes(freezer: MaskFreezer) -> int:
+    """Bytes of the storages behind what the freezer keeps (a view of a full-tensor mask would count in full)."""
+    kept = [t for e in freezer._entries.values() for t in (e.keep, e.frozen, e.index) if t is not None]
+    return sum(t.untyped_storage().nbytes() for t in kept)
+
+
 def _backward(model):
     return lambda ids: model(input_ids=ids, labels=ids).loss.backward()
 
@@ -147,7 +153,7 @@ def _fsdp2(kind: str, rank: int, tmp: str, out: dict) -> None:
     optimizer = _optimizer(kind, model.parameters())
     freezer.attach(optimizer)
     clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)) if kind == "adamw" else None
-    out["extra_bytes"] = freezer.extra_bytes
+    out["extra_bytes"], out["held_bytes"] = freezer.extra_bytes, _held_bytes(freezer)
 
     def full_params():
         return {n: p.full_tensor().detach() for n, p in model.named_parameters()}
@@ -169,7 +175,7 @@ def _fsdp1(kind: str, rank: int, tmp: str, out: dict) -> None:
     optimizer = _optimizer(kind, wrapped.parameters())
     freezer.attach(optimizer)
     clip = (lambda: wrapped.clip_grad_norm_(CLIP)) if kind == "adamw" else None
-    out["extra_bytes"] = freezer.extra_bytes
+    out["extra_bytes"], out["held_bytes"] = freezer.extra_bytes, _held_bytes(freezer)
 
     def full_params():
         with FSDP.summon_full_params(wrapped):
@@ -340,6 +346,7 @@ def test_each_rank_stores_only_its_shard(spawned):
         per_rank = [results[rank][scenario]["extra_bytes"] for rank in range(WORLD)]
         assert all(0 < b < 0.7 * single_bytes for b in per_rank), per_rank
         assert sum(per_rank) <= single_bytes, per_rank  # shards: each element stored at most once over the ranks
+        assert [results[rank][scenario]["held_bytes"] for rank in range(WORLD)] == per_rank  # no hidden full mask
 
 
 # --- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
@@ -387,7 +394,7 @@ def _zero3_run(deepspeed, kind: str, rank: int, tmp: str, out: dict) -> None:
     mask = _mask()
     freezer = MaskFreezer(model, mask)
     freezer.attach(engine.optimizer)
-    out["extra_bytes"] = freezer.extra_bytes
+    out["extra_bytes"], out["held_bytes"] = freezer.extra_bytes, _held_bytes(freezer)
     params = dict(model.named_parameters())
 
     def full_params():
