@@ -29,6 +29,7 @@ def test_gpu_script_without_cuda_exits_2_and_says_why():
     assert "| measure |" not in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_dry_run_prints_one_table():
     result = _run("--device", "cpu", "--small", "--params", "200000", "--sections", "measure,freeze")
     assert result.returncode == 0, result.stderr[-2000:]
