@@ -105,7 +105,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (1 avoids OpenMP spin-waits on a busy machine)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
 
     workdir = tempfile.mkdtemp(prefix="overhead_hf_")
