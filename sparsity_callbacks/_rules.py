@@ -95,6 +95,22 @@ def _any_nonfinite(values: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(values.sum())
 
 
+#: Exponent bits of the float dtypes whose raw bits `_any_nonfinite_bits` reads (all ones: NaN or +-inf).
+EXPONENT_MASKS: dict[torch.dtype, int] = {
+    torch.float32: 0x7F800000,
+    torch.bfloat16: 0x7F80,
+    torch.float16: 0x7C00,
+    torch.float64: 0x7FF0000000000000,
+}
+
+
+def _any_nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_any_nonfinite` of values of ``dtype`` given as their raw bits (integer view): some element has
+    an all-ones exponent (NaN or +-inf). Exact, and fuses into a compiled pass without a bitcast."""
+    mask = EXPONENT_MASKS[dtype]
+    return ((bits & mask) == mask).any()
+
+
 def _count_nonfinite(values: torch.Tensor) -> int:
     """NaN and +-inf elements of ``values`` (rule 4): one reduction, an exact count only when needed."""
     if not bool(_any_nonfinite(values)):

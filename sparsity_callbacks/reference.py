@@ -31,7 +31,14 @@ import warnings
 import torch
 
 from sparsity_callbacks._bits import _popcount
-from sparsity_callbacks._rules import _any_nonfinite, _as_bits, _changed, _to_compare
+from sparsity_callbacks._rules import (
+    EXPONENT_MASKS,
+    _any_nonfinite,
+    _any_nonfinite_bits,
+    _as_bits,
+    _changed,
+    _to_compare,
+)
 
 _log = logging.getLogger("sparsity_callbacks")
 
@@ -103,16 +110,22 @@ def _kernel(
     bits: int,
     atol: float,
     update: bool,
+    stored_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One chunk of ``8 * m`` elements, one pass: the values as stored (``current``, any float dtype) are
     converted to ``compare_dtype`` and compared with the reference by `_rules` (or through their
     fingerprint in fingerprint mode), fingerprinted for churn, and counted.
 
+    ``stored_dtype``: ``current`` (and an exact ``reference``) are the raw bits (integer views) of values
+    stored in ``stored_dtype`` == ``compare_dtype``, with ``atol == 0``: rule 2 compares bits, so nothing
+    needs the float values, and compiled code then has no float-to-int bitcast in its loop (measured
+    1.6x faster on CPU).
+
     Returns ``(changed, churn, stats)``: packed changed bits (``m`` bytes), packed churn bits or None,
     and int64 ``stats`` = [changed, some element NaN/inf (0/1), churn, ever-changed] counts of the chunk.
     With ``update`` it also ORs changed into ``ever`` and stores the fingerprint in ``previous`` (in place).
     """
-    values = _to_compare(current, compare_dtype)
+    values = current if stored_dtype is not None else _to_compare(current, compare_dtype)
     fingerprint = _fingerprint(values, bits) if (fingerprint_reference or previous is not None) else None
     if fingerprint_reference:
         changed = _pack_planar(fingerprint != reference)
@@ -127,7 +140,13 @@ def _kernel(
             previous.copy_(fingerprint)
     if update:
         ever.bitwise_or_(changed)
-    stats = torch.stack([_popcount(changed), _any_nonfinite(current).to(torch.int64), churn_count, _popcount(ever)])
+    if stored_dtype is None:
+        nonfinite = _any_nonfinite(current)
+    elif torch.compiler.is_compiling():
+        nonfinite = _any_nonfinite_bits(current, stored_dtype)
+    else:
+        nonfinite = _any_nonfinite(current.view(stored_dtype))  # eager: a view is free, a sum one pass
+    stats = torch.stack([_popcount(changed), nonfinite.to(torch.int64), churn_count, _popcount(ever)])
     return changed, churn, stats
 
 
@@ -221,6 +240,11 @@ class _KernelRunner:
         _measured_compile_seconds.append(time.perf_counter() - start)
         self.compiled = True
         _log.info("sparsity_callbacks: measurement kernel compiled in %.1f s", _measured_compile_seconds[-1])
+
+
+def _bits_input(current_dtype: torch.dtype, compare_dtype: torch.dtype, atol: float) -> bool:
+    """True when a chunk can reach `_kernel` as raw bits (``stored_dtype``): no conversion, no atol."""
+    return current_dtype == compare_dtype and atol == 0 and current_dtype in EXPONENT_MASKS
 
 
 def _chunks(padded_numel: int, chunk: int):

@@ -24,7 +24,7 @@ from sparsity_callbacks._distributed import (
     _sum_across_ranks,
 )
 from sparsity_callbacks._memory import _choose_mode
-from sparsity_callbacks._rules import COMPARE_DTYPES, _count_nonfinite, _representable, _tensor_signature
+from sparsity_callbacks._rules import COMPARE_DTYPES, _as_bits, _count_nonfinite, _representable, _tensor_signature
 from sparsity_callbacks._tracker_state import _load_state_dict, _read_file, _save, _state_dict, _TensorState
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
 from sparsity_callbacks.masks import Mask
@@ -39,6 +39,7 @@ from sparsity_callbacks.params import (
 )
 from sparsity_callbacks.reference import (
     _FINGERPRINT_DTYPES,
+    _bits_input,
     _chunks,
     _compiled_kernel,
     _fingerprint,
@@ -350,13 +351,15 @@ class SparsityTracker:
                 continue
             seen.add(key)
             n = 4096
-            _compiled_kernel()(
+            args, options = self._kernel_inputs(
                 torch.zeros(n, dtype=current.dtype, device=device),
                 torch.zeros(n, dtype=state.reference.dtype, device=device),
                 None if previous is None else torch.zeros(n, dtype=previous.dtype, device=device),
                 torch.zeros(n // 8, dtype=torch.uint8, device=device),
-                **self._kernel_options(state, update=True),
+                state,
+                update=True,
             )
+            _compiled_kernel()(*args, **options)
 
     def _kernel_options(self, state: _TensorState, *, update: bool) -> dict[str, Any]:
         return {
@@ -482,7 +485,18 @@ class SparsityTracker:
             reference = reference.to(current.device, non_blocking=True)
         previous = state.previous[start:end] if (state.previous is not None and self.config.track_churn) else None
         ever = state.ever[start // 8 : end // 8]
-        return self._kernel(current, reference, previous, ever, **self._kernel_options(state, update=update))
+        args, options = self._kernel_inputs(current, reference, previous, ever, state, update=update)
+        return self._kernel(*args, **options)
+
+    def _kernel_inputs(self, current, reference, previous, ever, state: _TensorState, *, update: bool):
+        """``(args, kwargs)`` of `_kernel` for one chunk: raw bits when no conversion or atol is involved."""
+        options = self._kernel_options(state, update=update)
+        if _bits_input(current.dtype, state.dtype, options["atol"]):
+            options["stored_dtype"] = current.dtype
+            current = _as_bits(current)
+            if self.mode == "exact":
+                reference = _as_bits(reference)
+        return (current, reference, previous, ever), options
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
         """The tracked parameters as they are now, by name; raises when the model changed shape, warns

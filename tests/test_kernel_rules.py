@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsity_callbacks import SparsityTracker
-from sparsity_callbacks._rules import _as_bits, _changed, _to_compare
+from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
     _compiled_kernel,
     _fingerprint,
@@ -66,7 +66,7 @@ def _case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return cur, ref
 
 
-def _run(kernel, cur, ref, compare_dtype, mode, atol):
+def _run(kernel, cur, ref, compare_dtype, mode, atol, bits_input=False):
     n = (cur.numel() + 7) // 8 * 8
     pad = n - cur.numel()
     cur = torch.cat([cur, cur.new_zeros(pad)])
@@ -74,9 +74,13 @@ def _run(kernel, cur, ref, compare_dtype, mode, atol):
     reference = _fingerprint(ref_values, 8) if mode == "fingerprint" else ref_values
     previous = _fingerprint(ref_values, 8)
     ever = torch.zeros(n // 8, dtype=torch.uint8)
+    extra = {}
+    if bits_input:  # the raw-bits path the tracker takes when nothing is converted and atol == 0
+        assert cur.dtype == compare_dtype and atol == 0
+        extra = {"stored_dtype": cur.dtype}
     changed, churn, stats = kernel(
-        cur,
-        reference,
+        _as_bits(cur) if bits_input else cur,
+        _as_bits(reference) if bits_input and mode == "exact" else reference,
         previous,
         ever,
         compare_dtype=compare_dtype,
@@ -84,6 +88,7 @@ def _run(kernel, cur, ref, compare_dtype, mode, atol):
         bits=8,
         atol=atol,
         update=True,
+        **extra,
     )
     return _planar_to_bool(changed), _planar_to_bool(churn), stats, previous, ever, ref_values, cur
 
@@ -99,9 +104,11 @@ CASES = [
 ]
 
 
-def _check(kernel, dtype, compare_dtype, atol, mode):
+def _check(kernel, dtype, compare_dtype, atol, mode, bits_input=False):
     cur, ref = _case(dtype)
-    changed, churn, stats, previous, ever, ref_values, padded = _run(kernel, cur, ref, compare_dtype, mode, atol)
+    changed, churn, stats, previous, ever, ref_values, padded = _run(
+        kernel, cur, ref, compare_dtype, mode, atol, bits_input
+    )
     values = _to_compare(padded, compare_dtype)
     expected = _changed(values, ref_values, atol)  # the rules module
     fp_now = _fingerprint(values, 8)
@@ -126,6 +133,8 @@ def _check(kernel, dtype, compare_dtype, atol, mode):
 @pytest.mark.parametrize(("dtype", "compare_dtype", "atol"), CASES)
 def test_eager_kernel_applies_the_rules(dtype, compare_dtype, atol, mode):
     _check(_kernel, dtype, compare_dtype, atol, mode)
+    if dtype == compare_dtype and atol == 0:
+        _check(_kernel, dtype, compare_dtype, atol, mode, bits_input=True)
 
 
 @pytest.mark.slow
@@ -133,6 +142,8 @@ def test_eager_kernel_applies_the_rules(dtype, compare_dtype, atol, mode):
 def test_compiled_kernel_applies_the_rules(dtype, compare_dtype, atol):
     for mode in ("exact", "fingerprint"):
         _check(_compiled_kernel(), dtype, compare_dtype, atol, mode)
+        if dtype == compare_dtype and atol == 0:
+            _check(_compiled_kernel(), dtype, compare_dtype, atol, mode, bits_input=True)
 
 
 def test_fingerprint_eager_equals_digit_sum_definition():
@@ -178,3 +189,12 @@ def test_runner_compiles_in_the_background_once_eager_time_reaches_the_cost():
 
 
 _OPTIONS = dict(compare_dtype=torch.float32, fingerprint_reference=False, bits=8, atol=0.0, update=True)
+
+
+def test_nonfinite_from_exponent_bits_equals_isfinite():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        finite = torch.tensor([0.0, -0.0, 1e-40, -3.0, 65504.0]).to(dtype)
+        assert not bool(_any_nonfinite_bits(_as_bits(finite), dtype))
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            values = torch.cat([finite, torch.tensor([bad]).to(dtype)])
+            assert bool(_any_nonfinite_bits(_as_bits(values), dtype))
