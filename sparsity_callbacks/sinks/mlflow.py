@@ -61,6 +61,8 @@ _REQUEST_TIMEOUT_S = 30.0
 #: seconds `close` waits for a request that is still in flight after its timeout (within its deadline).
 _JOIN_GRACE_S = 2.0
 _FALLBACK_VERSION = 1
+#: the record types of a fallback file after its header (what `_write_fallback` writes, `_replay_fallback` reads).
+_RECORD_TYPES = ("metrics", "params", "tags", "artifact", "terminate")
 #: HTTP statuses that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_STATUSES = frozenset({408, 429})
 #: statuses of a proxy or gateway whose tracking server behind it does not answer.
@@ -957,8 +959,8 @@ def _replay_fallback(path: str, tracking_uri: str | None = None, *, run_id: str 
             f"{path!r} has fallback format version {header.get('version')!r}; expected {_FALLBACK_VERSION}."
         )
     for record in records[1:]:  # check every record before anything is sent
-        if not isinstance(record, dict) or record.get("type") not in ("metrics", "params", "artifact", "terminate"):
-            raise ValueError(f"{path!r} holds a record that is not one of metrics/params/artifact/terminate.")
+        if not isinstance(record, dict) or record.get("type") not in _RECORD_TYPES:
+            raise ValueError(f"{path!r} holds a record whose type is not one of {', '.join(_RECORD_TYPES)}.")
         if record["type"] == "artifact":
             _fallback_artifact(path, record)
     uri = tracking_uri or header.get("tracking_uri")
