@@ -124,7 +124,7 @@ def main() -> None:
     trainer.fit(model, prompts)
 
     m = sparsity.last_measurement
-    history = sparsity.session.tracker.history
+    history = sparsity.tracker.history
     rewards = [v.value for v in logger.experiment.get_metric_history(logger.run_id, "reward")]
     first, last = sum(rewards[:5]) / max(1, len(rewards[:5])), sum(rewards[-5:]) / max(1, len(rewards[-5:]))
     print(f"\n{args.steps} GRPO steps in {time.perf_counter() - start:.0f} s; reward {first:.3f} -> {last:.3f}")

@@ -6,12 +6,12 @@ from sparsity_callbacks.masks import Mask, Overlap
 from sparsity_callbacks.measurement import Measurement, TensorCounts
 from sparsity_callbacks.tracker import SparsityTracker
 
+# `SparsityCallback` is importable by name (lazily, below) but not in `__all__`: `import *` imports no framework.
 __all__ = [
     "Mask",
     "MaskFreezer",
     "Measurement",
     "Overlap",
-    "SparsityCallback",
     "SparsityConfig",
     "SparsityTracker",
     "TensorCounts",

@@ -82,7 +82,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             f"version={meta.get('version')!r}."
         )
     saved = meta["tensors"]
-    current = {t.name: t for t in tracker.tracked}
+    current = {t.name: t for t in tracker._tracked}
     missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or extra:
         raise ValueError(
@@ -112,7 +112,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
         )
     fp_dtype = _FINGERPRINT_DTYPES.get(meta["fingerprint_bits"])
     # validate every tensor before touching any state, so a corrupt file leaves the tracker as it was
-    for tracked in tracker.tracked:
+    for tracked in tracker._tracked:
         info = saved[tracked.name]
         padded = _padded(info["numel"])
         reference = tensors.get(f"reference/{tracked.name}")
@@ -139,7 +139,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
     tracker.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
     tracker._choose_compile()
     states = {}
-    for tracked in tracker.tracked:
+    for tracked in tracker._tracked:
         info = saved[tracked.name]
         device = tracked.local().device
         padded = _padded(info["numel"])

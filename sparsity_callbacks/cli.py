@@ -34,6 +34,7 @@ examples:
   sparsity-callbacks diff base/ tuned/ --atol 1e-5 --atol 1e-3 --mask grpo.safetensors --json diff.json
   sparsity-callbacks overlap grpo.safetensors dpo.safetensors
   sparsity-callbacks report runs:/0123456789abcdef0123456789abcdef --png heatmap.png
+  sparsity-callbacks replay sparsity_mlflow_fallback_<run_id>.jsonl
 
 run `sparsity-callbacks COMMAND --help` for the options of each command."""
 
@@ -41,9 +42,11 @@ _DIFF_EPILOG = """\
 BASE and TUNED: a .safetensors file, a model folder (model.safetensors or shards with
 model.safetensors.index.json), or a Hugging Face Hub id (org/name[@revision]).
 
-An element is *changed* when its bits differ (NaN in both counts as unchanged); each --atol adds
-a column counting |tuned - base| > atol. Tensors are streamed in chunks: memory stays at a few
-tens of MB whatever the model size (--rank holds one 2-D update at a time).
+An element is *changed* when its bits differ (a NaN whose payload changes counts; one that keeps
+its bits does not); each --atol adds a column counting elements whose bits differ and whose
+|tuned - base| (in float64) is not <= atol. The tracker applies the same rules. Tensors are
+streamed in chunks: memory stays at a few tens of MB whatever the model size (--rank holds one
+2-D update at a time).
 
 examples:
   sparsity-callbacks diff base/ tuned/
@@ -68,6 +71,16 @@ examples:
   sparsity-callbacks overlap seed0.safetensors seed1.safetensors --base base_model/
   sparsity-callbacks overlap grpo.safetensors dpo.safetensors ppo.safetensors --json overlap.json
   sparsity-callbacks overlap runs:/<id1>/sparsity/mask.safetensors runs:/<id2>/sparsity/mask.safetensors"""
+
+_REPLAY_EPILOG = """\
+FILE: the JSON-lines file MLflowSink wrote when the tracking server stayed unreachable until the end of
+training (sparsity_mlflow_fallback_<run>.jsonl; artifacts in the _artifacts folder beside it). Metrics
+keep their steps and timestamps. The target run: --run-id, else the file's run if it exists on the
+server, else a new run in the file's experiment. Prints the run id.
+
+examples:
+  sparsity-callbacks replay sparsity_mlflow_fallback_0123456789abcdef.jsonl
+  sparsity-callbacks replay fallback.jsonl --tracking-uri http://localhost:5000 --run-id 0123456789abcdef"""
 
 _REPORT_EPILOG = """\
 MASK_OR_RUN: a mask file, a report JSON (from `diff --json` or a run's sparsity/report.json), an
@@ -107,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_nonnegative_float,
         action="append",
         metavar="ATOL",
-        help="also count |tuned - base| > ATOL; repeatable, each gives a column (default: 1e-5)",
+        help="also count changes with |tuned - base| > ATOL; repeatable, each gives a column (default: 1e-5)",
     )
     diff.add_argument(
         "--compare-dtype",
@@ -159,6 +172,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--title", help="heatmap title (default: the source)")
     _mlflow_args(report, log=False)
     report.set_defaults(func=_cmd_report)
+
+    replay = sub.add_parser(
+        "replay",
+        help="send an MLflow fallback file to MLflow",
+        formatter_class=fmt,
+        epilog=_REPLAY_EPILOG,
+        description="Deliver the metrics, params and artifacts that MLflowSink could not send during training.",
+    )
+    replay.add_argument("file", metavar="FILE", help="the sparsity_mlflow_fallback_*.jsonl file")
+    replay.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one in FILE)")
+    replay.add_argument("--run-id", help="log into this run (default: FILE's run if it exists, else a new run)")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 
@@ -937,3 +962,18 @@ class _Output:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------
+# replay
+# ------------------------------------------------------------------------------------------------
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from sparsity_callbacks.sinks.mlflow import _replay_fallback
+
+    if not os.path.isfile(args.file):
+        raise FileNotFoundError(
+            f"{args.file!r} does not exist. HINT: the MLflowSink warning at the end of training names the file."
+        )
+    run_id = _replay_fallback(args.file, args.tracking_uri, run_id=args.run_id)
+    print(run_id)
+    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,6 +364,39 @@ def _can_stop_gradients(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _select_parameters(
+    model: torch.nn.Module, selection: Iterable[str | torch.nn.Parameter] | None
+) -> list[_TrackedTensor]:
+    """The trainable floating-point parameters of ``model``, or those of them ``selection`` names (by any
+    name of a tied parameter, or by the `Parameter` object itself), each once."""
+    everything = _collect_parameters(model, SparsityConfig())[0]
+    if selection is None:
+        return everything
+    if isinstance(selection, (str, torch.Tensor)):
+        raise TypeError(
+            f"`tracked` must be a list of parameter names or parameters, got a single {type(selection).__name__}. "
+            "HINT: tracked=tracker.names."
+        )
+    by_name = {n: t for t in everything for n in (t.name, *t.aliases)}
+    by_id = {id(t.param): t for t in everything}
+    chosen: dict[int, _TrackedTensor] = {}
+    for item in selection:
+        if isinstance(item, str):
+            entry = by_name.get(item)
+        elif isinstance(item, torch.Tensor):
+            entry = by_id.get(id(item))
+        else:
+            raise TypeError(f"`tracked` must hold parameter names or parameters, got {type(item).__name__}: {item!r}.")
+        if entry is None:
+            shown = item if isinstance(item, str) else f"a parameter of shape {list(item.shape)}"
+            raise ValueError(
+                f"`tracked` names {shown!r}, which is not a trainable floating-point parameter of "
+                f"{type(model).__name__}. HINT: pass tracker.names, or names from model.named_parameters()."
+            )
+        chosen.setdefault(id(entry.param), entry)
+    return list(chosen.values())
+
+
 class MaskFreezer:
     """Keep every element outside ``mask`` (bit 0) bit-identical to its value at construction.
 
@@ -409,8 +443,9 @@ class MaskFreezer:
         model: the model whose parameters are frozen to ``mask``.
         mask: 1 = trainable (in the subnetwork), 0 = frozen; names are tracked parameter names
             (a tied parameter under any of its names).
-        tracked: the tracked parameters (``tracker.tracked``); default: every trainable floating
-            point parameter of ``model`` that ``mask`` names.
+        tracked: the parameters the mask must cover exactly, as names (any name of a tied parameter)
+            or `torch.nn.Parameter` objects, e.g. ``tracker.names``; a mask that leaves one out is
+            refused. Default: every trainable floating-point parameter of ``model`` that ``mask`` names.
         compact: dense mechanism: store only the frozen values (less memory, slower restore).
         compact_optimizer_state: let elementwise optimizers step only the trainable elements (see above).
         stop_gradients: with compact optimizer state, also stop the gradients of fully frozen tensors.
@@ -421,7 +456,7 @@ class MaskFreezer:
         model: torch.nn.Module,
         mask: Mask,
         *,
-        tracked: list[_TrackedTensor] | None = None,
+        tracked: Iterable[str | torch.nn.Parameter] | None = None,
         compact: bool = False,
         compact_optimizer_state: bool = True,
         stop_gradients: bool = False,
@@ -431,9 +466,8 @@ class MaskFreezer:
         if not isinstance(mask, Mask):
             raise TypeError(f"`mask` must be a Mask, got {type(mask).__name__}. HINT: Mask.load(path) reads a file.")
         explicit = tracked is not None
-        if tracked is None:
-            tracked = _collect_parameters(model, SparsityConfig())[0]
-        by_name = {n: t for t in tracked for n in (t.name, *t.aliases)}
+        entries = _select_parameters(model, tracked)
+        by_name = {n: t for t in entries for n in (t.name, *t.aliases)}
         unknown = [n for n in mask.names if n not in by_name]
         if unknown:
             raise ValueError(
@@ -442,7 +476,7 @@ class MaskFreezer:
                 "this model with the same `include`/`exclude` options."
             )
         if explicit:
-            missing = [t.name for t in tracked if not any(n in mask for n in (t.name, *t.aliases))]
+            missing = [t.name for t in entries if not any(n in mask for n in (t.name, *t.aliases))]
             if missing:
                 raise ValueError(
                     f"The mask was made for another model: {len(missing)} tracked tensor(s) are not in the mask "
@@ -932,7 +966,7 @@ def _cap_density(mask: Mask, tracker: Any, cap: float) -> Mask:
     k = math.floor(cap * mask.numel())
     if mask.count() <= k:
         return mask
-    params = {n: t.param for t in tracker.tracked for n in (t.name, *t.aliases)}
+    params = {n: t.param for t in tracker._tracked for n in (t.name, *t.aliases)}
 
     def scores(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int32 score bits of the mask's elements, flat bool mask) of one tensor, on the CPU."""

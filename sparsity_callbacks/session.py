@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,10 @@ from sparsity_callbacks.config import SparsityConfig
 from sparsity_callbacks.masks import Mask
 from sparsity_callbacks.report import PREFIX, Measurement
 from sparsity_callbacks.tracker import SparsityTracker
+
+if TYPE_CHECKING:
+    from sparsity_callbacks.freeze import MaskFreezer
+    from sparsity_callbacks.sinks.mlflow import MLflowSink
 
 _log = logging.getLogger("sparsity_callbacks")
 
@@ -111,6 +115,36 @@ def _fresh_run_replaceable(fresh_run_id: str, saved: dict[str, Any] | None, uri:
         return False
 
 
+class _SessionViews:
+    """The read-only attributes every framework adapter exposes, the same on each (the adapter keeps its
+    session in ``_session``). All are None before training starts."""
+
+    _session: _SparsitySession | None
+
+    @property
+    def tracker(self) -> SparsityTracker | None:
+        """The `SparsityTracker` of the current (or last) training: ``tracker.reference(name)``,
+        ``tracker.ever_changed_mask()``, ``tracker.history``."""
+        return None if self._session is None else self._session.tracker
+
+    @property
+    def freezer(self) -> MaskFreezer | None:
+        """The `MaskFreezer` once freezing began (``freeze_mask``), else None."""
+        return None if self._session is None else self._session.freezer
+
+    @property
+    def last_measurement(self) -> Measurement | None:
+        """The latest `Measurement` (the final one after training ends; totals summed over ranks for
+        sharded parameters)."""
+        return None if self._session is None else self._session.last_measurement
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run the metrics went to, once training has ended; None before, or when not logging
+        (``log_to_mlflow=False``, or a rank other than 0)."""
+        return None if self._session is None else self._session.logged_run_id
+
+
 class _SparsitySession:
     """Tracker + sink + freezer for one training run.
 
@@ -145,7 +179,7 @@ class _SparsitySession:
         # the effective options: masks, report.json and params record the interval actually used
         self.config = config.replace(every_n_steps=self.every_n_steps)
         self.tracker: SparsityTracker | None = None
-        self.freezer = None
+        self.freezer: MaskFreezer | None = None
         self.freeze_source: str | None = None
         self.last_measurement: Measurement | None = None
         self._last_step: int | None = None
@@ -156,7 +190,8 @@ class _SparsitySession:
         self._extra_params = dict(extra_params or {})
         self._clips_grad_norm = clips_grad_norm
         self._state_bytes_pending = False
-        self.sink = None
+        self.sink: MLflowSink | None = None
+        self.logged_run_id: str | None = None  # the run the sink logged into, set when it closes
 
     # --- events ----------------------------------------------------------------------------------
     def start(self, model: torch.nn.Module, optimizers: list[Any], step: int, resume_dir: str | None = None) -> None:
@@ -247,6 +282,7 @@ class _SparsitySession:
             self.freezer.detach(expand_state=False)
         if self.sink is not None:
             self.sink.close(timeout=self.config.mlflow_end_timeout_s)
+            self.logged_run_id = self.sink.run_id  # after close: never waits for the server
             self.sink = None
 
     # --- internals -------------------------------------------------------------------------------
@@ -345,7 +381,7 @@ class _SparsitySession:
         self.freezer = MaskFreezer(
             self._model,
             mask,
-            tracked=self.tracker.tracked,
+            tracked=self.tracker.names,
             compact_optimizer_state=compact,
             stop_gradients=compact and not self._clips_grad_norm,
         )

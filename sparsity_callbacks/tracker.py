@@ -102,7 +102,7 @@ class SparsityTracker:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.config = _resolve_config(config, overrides)
-        self.tracked, self.skipped = _collect_parameters(model, self.config)
+        self._tracked, self.skipped = _collect_parameters(model, self.config)
         self.mode: str | None = None
         self.mode_reason: str = ""
         self.history: list[dict[str, float]] = []
@@ -122,11 +122,11 @@ class SparsityTracker:
     @property
     def names(self) -> list[str]:
         """Names of the tracked parameters (tied parameters under their first name)."""
-        return [t.name for t in self.tracked]
+        return [t.name for t in self._tracked]
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.shape for t in self.tracked}
+        return {t.name: t.shape for t in self._tracked}
 
     @property
     def signatures(self) -> dict[str, str]:
@@ -136,7 +136,7 @@ class SparsityTracker:
     @property
     def is_sharded(self) -> bool:
         """True when some tracked parameter is sharded across ranks (FSDP, ZeRO-3)."""
-        return any(t.sharded for t in self.tracked)
+        return any(t.sharded for t in self._tracked)
 
     @property
     def is_snapshotted(self) -> bool:
@@ -152,8 +152,8 @@ class SparsityTracker:
         _log.info("sparsity_callbacks: mode=%s (%s)", self.mode, self.mode_reason)
         self._states = {}
         nonfinite = {}
-        representable = torch.zeros(len(self.tracked), 5, dtype=torch.int64)  # columns as measure()'s totals
-        for i, tracked in enumerate(self.tracked):
+        representable = torch.zeros(len(self._tracked), 5, dtype=torch.int64)  # columns as measure()'s totals
+        for i, tracked in enumerate(self._tracked):
             self._states[tracked.name], bad, representable[i, 0] = self._snapshot_tensor(tracked)
             representable[i, 4] = self._states[tracked.name].numel
             if bad:
@@ -191,7 +191,7 @@ class SparsityTracker:
         owners: dict[torch.device, list[int]] = {}
         native: dict[torch.device, list[torch.Tensor]] = {}
         native_owners: dict[torch.device, list[int]] = {}
-        for index, tracked in enumerate(self.tracked):
+        for index, tracked in enumerate(self._tracked):
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
             for start, end in _chunks(state.ever.numel() * 8, self._chunk):
@@ -203,7 +203,7 @@ class SparsityTracker:
                     native_owners.setdefault(flat.device, []).append(index)
         # Per tensor: changed, NaN/inf flag, churn, ever-changed (summed over its chunks), local numel, and
         # changed in the parameters' own dtype (with a compare dtype).
-        totals = torch.zeros(len(self.tracked), 6, dtype=torch.int64)
+        totals = torch.zeros(len(self._tracked), 6, dtype=torch.int64)
         for device, rows in stats.items():  # one sync per device
             totals[:, :4].index_add_(0, torch.tensor(owners[device]), torch.stack(rows).cpu())
         for device, counts in native.items():
@@ -212,7 +212,7 @@ class SparsityTracker:
         totals[:, 4] = torch.tensor([s.numel for s in self._states.values()], dtype=torch.int64)
         if not self._kernel.compiled:
             self._kernel.record_eager(time.perf_counter() - began, self._warm_up_compiled_kernel)
-        for row, tracked in zip(totals, self.tracked):
+        for row, tracked in zip(totals, self._tracked):
             if row[1]:
                 state = self._states[tracked.name]
                 row[1] = _count_nonfinite(self._local_flat(params[tracked.name], tracked.name, state))
@@ -225,7 +225,7 @@ class SparsityTracker:
         if consecutive:
             step_changed = int(totals[:, 2].sum())
             step_delta_bytes = sum(
-                int(row[2]) * self._patch_bytes_per_element(t) for t, row in zip(self.tracked, totals.tolist())
+                int(row[2]) * self._patch_bytes_per_element(t) for t, row in zip(self._tracked, totals.tolist())
             )
         tensors = {
             t.name: TensorCounts(
@@ -234,7 +234,7 @@ class SparsityTracker:
                 ever_changed=int(row[3]),
                 churn=int(row[2]) if has_churn else 0,
             )
-            for t, row in zip(self.tracked, totals.tolist())
+            for t, row in zip(self._tracked, totals.tolist())
         }
         nonfinite = int(totals[:, 1].sum())
         has_native = all(s.native is not None for s in self._states.values())
@@ -284,7 +284,7 @@ class SparsityTracker:
         self._require_snapshot()
         params = self._current_parameters()
         tensors = {}
-        for tracked in self.tracked:
+        for tracked in self._tracked:
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
             pieces = [
@@ -341,7 +341,7 @@ class SparsityTracker:
         """Run the compiled kernel once on small inputs of every signature `measure` uses (dtypes, device,
         churn or not), so that it is compiled before the training thread calls it."""
         seen = set()
-        for tracked in self.tracked:
+        for tracked in self._tracked:
             state = self._states[tracked.name]
             current = tracked.local()
             device = current.device
@@ -381,7 +381,7 @@ class SparsityTracker:
             raise RuntimeError("Call tracker.snapshot() (before the first optimizer step) or load a state first.")
 
     def _check_materialised(self) -> None:
-        for tracked in self.tracked:
+        for tracked in self._tracked:
             if tracked.local().device.type == "meta":
                 raise ValueError(
                     f"Parameter {tracked.name!r} is on the meta device (deferred initialisation): there are no "
@@ -395,7 +395,7 @@ class SparsityTracker:
         return COMPARE_DTYPES[self.config.compare_dtype]
 
     def _choose_mode(self) -> tuple[str, str]:
-        return _choose_mode(self.config, self.tracked, [self._compare_dtype(t) for t in self.tracked])
+        return _choose_mode(self.config, self._tracked, [self._compare_dtype(t) for t in self._tracked])
 
     def _reference_path(self, name: str) -> str | None:
         if self.config.reference_dir is None or self.mode != "exact":
@@ -502,7 +502,7 @@ class SparsityTracker:
         """The tracked parameters as they are now, by name; raises when the model changed shape, warns
         (once) about trainable parameters added after the snapshot, which are not tracked."""
         params = {_clean_name(n): p for n, p in self.model.named_parameters(remove_duplicate=False)}
-        for tracked in self.tracked:
+        for tracked in self._tracked:
             param = params.get(tracked.name)
             if param is None:
                 raise ValueError(
@@ -521,7 +521,7 @@ class SparsityTracker:
         return params
 
     def _warn_new_parameters(self, params: dict[str, torch.Tensor]) -> None:
-        known = {id(t.param) for t in self.tracked}
+        known = {id(t.param) for t in self._tracked}
         include = [re.compile(p) for p in self.config.include]
         exclude = [re.compile(p) for p in self.config.exclude]
         new = sorted(
@@ -533,7 +533,7 @@ class SparsityTracker:
             self._warned.add("new_parameters")
             warnings.warn(
                 f"{len(new)} trainable parameter(s) were added or unfrozen after the tracker was created and are NOT "
-                f"tracked (e.g. {new[:3]}); the fractions cover the {len(self.tracked)} tracked tensors only. HINT: "
+                f"tracked (e.g. {new[:3]}); the fractions cover the {len(self._tracked)} tracked tensors only. HINT: "
                 "create the SparsityTracker after adding heads/adapters (e.g. after get_peft_model) and unfreezing, "
                 "or build a new tracker and call snapshot() (the cumulative curve starts over).",
                 stacklevel=5,  # _current_parameters <- measure <- torch.no_grad wrapper <- the caller
@@ -570,11 +570,11 @@ class SparsityTracker:
         """Per-tensor counts summed over ranks when sharded (see `_distributed._sum_across_ranks`)."""
         if not self._distributed():
             return totals
-        return _sum_across_ranks(self.tracked, totals)
+        return _sum_across_ranks(self._tracked, totals)
 
     def _full_signatures(self) -> dict[str, str]:
         """Signatures of the full tensors: each rank contributes the samples in its shard."""
-        signatures, rank_layouts = _full_signatures(self.tracked)
+        signatures, rank_layouts = _full_signatures(self._tracked)
         if rank_layouts is not None:
             self._rank_layouts = rank_layouts
         return signatures
@@ -586,9 +586,9 @@ class SparsityTracker:
 
     def _full_mask(self, local: dict[str, torch.Tensor], kind: str) -> Mask:
         """Per-tensor local flat bool flags -> `Mask` of full tensors (gathered over ranks when sharded)."""
-        by_name = {t.name: t for t in self.tracked}
+        by_name = {t.name: t for t in self._tracked}
         packed: dict[str, torch.Tensor] = {}
-        sharded = [t for t in self.tracked if t.sharded]
+        sharded = [t for t in self._tracked if t.sharded]
         if sharded and self._distributed():
             packed, self._rank_layouts = _gather_masks(sharded, local, self._rank_layouts)
         for name, flags in local.items():
@@ -600,13 +600,13 @@ class SparsityTracker:
                         "its mask. HINT: call ever_changed_mask() while the process group is up."
                     )
                 packed[name] = _pack_bits(flags)
-        shapes = {t.name: t.shape for t in self.tracked}
+        shapes = {t.name: t.shape for t in self._tracked}
         return Mask._from_packed(packed, shapes, self.signatures, self._mask_metadata(kind))
 
     def _primary_name(self, name: str) -> str:
         if name in self._states:
             return name
-        for t in self.tracked:
+        for t in self._tracked:
             if name in t.aliases:
                 return t.name
         raise KeyError(f"{name!r} is not a tracked parameter (tracked: {self.names[:5]}...).")

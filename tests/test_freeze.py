@@ -327,7 +327,7 @@ def test_tied_parameters_appear_once():
     mask = _random_mask(model)
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = _state(model)
-    freezer = MaskFreezer(model, mask, tracked=tracked, compact_optimizer_state=False)
+    freezer = MaskFreezer(model, mask, tracked=[t.param for t in tracked], compact_optimizer_state=False)
     freezer.attach(opt)
     _train(model, opt, 3)
     _assert_frozen(before, model, mask)
@@ -444,12 +444,12 @@ def test_resolve_discover_freezes_the_complement_of_ever_changed():
     mask = _resolve_freeze_mask(config, tracker)
     assert mask == tracker.ever_changed_mask()
     assert 0 < mask.density < 1
-    freezer = MaskFreezer(model, mask, tracked=tracker.tracked)
+    freezer = MaskFreezer(model, mask, tracked=tracker.names)
     assert freezer.frozen_fraction == pytest.approx(1 - mask.density)
     opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     freezer.attach(opt)
     _train(model, opt, 3)
-    for t in tracker.tracked:  # everything outside the ever-changed mask is still at its reference
+    for t in tracker._tracked:  # everything outside the ever-changed mask is still at its reference
         frozen = ~mask[t.name]
         assert torch.equal(_bits(t.param)[frozen], _bits(tracker.reference(t.name).to(t.param.dtype))[frozen]), t.name
 
@@ -491,7 +491,7 @@ def test_density_cap_keeps_the_largest_changes():
     capped = _resolve_freeze_mask(config, tracker)
     k = int(cap * full.numel())
     assert capped.count() == k
-    params = {t.name: t.param for t in tracker.tracked}
+    params = {t.name: t.param for t in tracker._tracked}
     kept, dropped = [], []
     for name in full.names:
         ref = tracker.reference(name)
@@ -510,7 +510,7 @@ def test_density_cap_ties_are_broken_deterministically():
     config = SparsityConfig(mode="exact", freeze_mask="discover", freeze_after_steps=1, mask_density_cap=0.25)
     from sparsity_callbacks.freeze import _cap_density
 
-    everything = Mask({t.name: torch.ones(t.shape, dtype=torch.bool) for t in tracker.tracked})
+    everything = Mask({t.name: torch.ones(t.shape, dtype=torch.bool) for t in tracker._tracked})
     capped = _cap_density(everything, tracker, config.mask_density_cap)
     flat = torch.cat([capped[n].reshape(-1) for n in capped.names])
     k = int(0.25 * flat.numel())

@@ -460,7 +460,7 @@ def _lightning_fit(tmp_path, name: str, mask_path: str, compact: bool, max_steps
             if trainer.global_step != self.step:
                 self.step = trainer.global_step
                 self.weights.append(_state(pl_module.lm))
-                self.compact_optimizers = len(callback.session.freezer.compact_optimizers)
+                self.compact_optimizers = len(callback.freezer.compact_optimizers)
 
     gen = torch.Generator().manual_seed(0)
     data = torch.utils.data.DataLoader(

@@ -206,7 +206,7 @@ def test_tied_weights_reference_and_mask_under_either_name():
     mask = tracker.ever_changed_mask()
     renamed = Mask({("lm_head.weight" if n == "model.embed_tokens.weight" else n): f for n, f in mask.items()})
     for m in (mask, renamed):  # the freezer accepts the mask under either name of the tied tensor
-        MaskFreezer(model, m, tracked=tracker.tracked)
+        MaskFreezer(model, m, tracked=tracker.names)
 
 
 def test_lora_adapters_are_tracked_and_frozen_adapters_are_a_peft_error():
@@ -214,7 +214,7 @@ def test_lora_adapters_are_tracked_and_frozen_adapters_are_a_peft_error():
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     tracker = SparsityTracker(model, mode="exact")
     assert tracker.names and all(".lora_A." in n or ".lora_B." in n for n in tracker.names)
-    assert {t.module_type for t in tracker.tracked} == {
+    assert {t.module_type for t in tracker._tracked} == {
         "self_attn.q_proj.lora_A",
         "self_attn.q_proj.lora_B",
         "self_attn.v_proj.lora_A",

@@ -228,7 +228,7 @@ def test_manual_optimization_with_two_optimizers_counts_every_optimizer_step(tmp
     trainer.fit(module, _data(6))
 
     assert trainer.global_step == 12 == module.optimizer_steps  # 6 batches x 2 optimizers
-    history = [int(p["step"]) for p in callback.session.tracker.history]
+    history = [int(p["step"]) for p in callback.tracker.history]
     # Measured at the end of the batches whose global_step crossed a multiple of 3: 4 (3), 6, 10 (9), 12.
     assert history == [4, 6, 10, 12]
     assert callback.last_measurement.total.changed == _recount(reference, module)[0]
@@ -242,7 +242,7 @@ def test_gradient_accumulation_counts_optimizer_steps_not_batches(tmp_path):
     trainer.fit(module, _data(12))
 
     assert trainer.global_step == 3 == module.optimizer_steps
-    assert [int(p["step"]) for p in callback.session.tracker.history] == [1, 2, 3]
+    assert [int(p["step"]) for p in callback.tracker.history] == [1, 2, 3]
     assert callback.last_measurement.total.changed == _recount(reference, module)[0]
 
 
@@ -257,7 +257,7 @@ def test_bf16_mixed_precision(tmp_path):
         int(torch.ne(p.detach().bfloat16(), reference[n].bfloat16()).sum()) for n, p in module.named_parameters()
     )
     assert callback.last_measurement.total.changed == expected
-    assert [int(p["step"]) for p in callback.session.tracker.history] == [2, 4]
+    assert [int(p["step"]) for p in callback.tracker.history] == [2, 4]
 
 
 # --- checkpoints and resume --------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_resume_continues_the_curve_from_the_original_reference(tmp_path, mlflow
     trainer.fit(module, _data(4), ckpt_path=ckpt)
 
     assert trainer.global_step == 8
-    assert [int(p["step"]) for p in callback.session.tracker.history] == [2, 4, 6, 8]
+    assert [int(p["step"]) for p in callback.tracker.history] == [2, 4, 6, 8]
     changed, numel = _recount(reference, module)
     assert callback.last_measurement.total.changed == changed
     assert callback.last_measurement.total.ever_changed >= first.last_measurement.total.ever_changed
@@ -309,7 +309,7 @@ def test_resume_continues_the_curve_from_the_original_reference(tmp_path, mlflow
     module = LitLM(seed=0)
     straight = SparsityCallback(mode="exact", every_n_steps=2, log_to_mlflow=False)
     _trainer(tmp_path / "straight", [straight], max_steps=8).fit(module, _data(4))
-    assert straight.session.tracker.history == callback.session.tracker.history
+    assert straight.tracker.history == callback.tracker.history
 
 
 def test_missing_side_state_raises_a_clear_error(tmp_path):
@@ -342,7 +342,7 @@ def test_missing_side_state_with_resnapshot_takes_a_new_reference(tmp_path):
     with pytest.warns(UserWarning, match="new reference"):
         trainer.fit(module, _data(4), ckpt_path=ckpt)
     assert callback.last_measurement.total.changed == _recount(at_resume, module)[0]
-    assert [int(p["step"]) for p in callback.session.tracker.history] == [6, 8]
+    assert [int(p["step"]) for p in callback.tracker.history] == [6, 8]
 
 
 def test_side_state_is_found_next_to_a_moved_checkpoint(tmp_path):
@@ -366,7 +366,7 @@ class _FreezeWatcher(pl.Callback):
         self.step: int | None = None
 
     def _grab(self, trainer, pl_module) -> None:
-        session = self.sparsity.session
+        session = self.sparsity._session
         if self.at_freeze is None and session is not None and session.freezer is not None:
             self.at_freeze, self.step = _params(pl_module), trainer.global_step
 
@@ -405,7 +405,7 @@ def test_discovered_mask_keeps_frozen_elements_bit_identical_under_adamw_weight_
     trainer.fit(module, _data(20))
 
     assert watcher.step == 3
-    mask = callback.session._freeze_mask
+    mask = callback._session._freeze_mask
     frozen = _assert_frozen_bit_identical(module, watcher.at_freeze, mask)
     assert frozen > 0
     # weight decay would have moved every element; the trainable ones did move after freezing
@@ -433,7 +433,7 @@ def test_mask_file_keeps_frozen_elements_bit_identical(tmp_path):
     trainer = _trainer(tmp_path, [callback], max_steps=6, gradient_clip_val=0.5, precision="bf16-mixed")
     trainer.fit(module, _data(6))
 
-    assert callback.session.freezer is not None
+    assert callback.freezer is not None
     assert _assert_frozen_bit_identical(module, start, mask) == mask.numel() - mask.count()
     assert callback.last_measurement.total.ever_changed <= mask.count()
 
@@ -446,7 +446,7 @@ class _ConvertAfterFreezing(pl.Callback):
         self.at_convert: dict[str, torch.Tensor] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        if self.at_convert is None and self.sparsity.session.freezer is not None:
+        if self.at_convert is None and self.sparsity._session.freezer is not None:
             self.at_convert = _params(pl_module)
             pl_module.to(self.dtype)
 
@@ -501,7 +501,7 @@ sparsity = SparsityCallback(mode="exact", every_n_steps=1)
 class KillAtStep3(pl.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == 3:
-            sparsity.session.sink.flush(60)  # what was measured reached MLflow; then die like a crash
+            sparsity._session.sink.flush(60)  # what was measured reached MLflow; then die like a crash
             os.kill(os.getpid(), signal.SIGKILL)
 
 logger = MLFlowLogger(experiment_name="crash", tracking_uri={uri!r}) if {with_logger!r} else False
@@ -575,7 +575,7 @@ def test_sparsity_steps_line_up_with_lightnings_own_loss(tmp_path, mlflow_local,
     loss_steps = sorted({m.step for m in client.get_metric_history(logger.run_id, "loss")})
     assert loss_steps == [0, 1, 2, 3]
     assert [s for s, _ in _metric_steps(client, logger.run_id)] == loss_steps
-    assert [int(p["step"]) for p in callback.session.tracker.history] == [1, 2, 3, 4]  # optimizer steps
+    assert [int(p["step"]) for p in callback.tracker.history] == [1, 2, 3, 4]  # optimizer steps
 
 
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
@@ -603,7 +603,7 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
 
     class SinkWatcher(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            sinks.append(callback.session.sink is not None)
+            sinks.append(callback._session.sink is not None)
 
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -620,11 +620,11 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
     )
     trainer.fit(module, _data(6))
     m = callback.last_measurement
-    local = sum(t.local().numel() for t in callback.session.tracker.tracked)
+    local = sum(t.local().numel() for t in callback.tracker._tracked)
     result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
-        "history": callback.session.tracker.history,
+        "history": callback.tracker.history,
         "tensors": {n: [c.numel, c.changed, c.ever_changed, c.churn] for n, c in m.tensors.items()},
         "local_numel": local,
         "has_sink": any(sinks),
@@ -754,13 +754,13 @@ def _freeze_fit(out_dir: str, devices: int, resume: bool) -> None:
 
     class FrozenWatcher(pl.Callback):  # after SparsityCallback: sees the freezer it just made
         def on_train_batch_end(self, trainer, pl_module, *args):
-            freezer = callback.session.freezer
+            freezer = callback.freezer
             if freezer is None:
                 return
             weights = full(pl_module)
             if state["frozen_at"] is None:
                 state["frozen_at"] = weights
-                state["mask"] = callback.session._freeze_mask
+                state["mask"] = callback._session._freeze_mask
                 for optimizer in trainer.optimizers:  # from now on weight decay would move every frozen element
                     for group in optimizer.param_groups:
                         group["weight_decay"] = 0.1
@@ -794,7 +794,7 @@ def _freeze_fit(out_dir: str, devices: int, resume: bool) -> None:
         state["frozen_at"] = torch.load(os.path.join(out_dir, "frozen_at.pt"))
         state["mask"] = Mask(torch.load(os.path.join(out_dir, "mask.pt")))
     trainer.fit(module, _data(1), ckpt_path=ckpt)
-    session = callback.session
+    session = callback._session
     final = full(module)
     result = {
         "rank": trainer.global_rank,

@@ -15,8 +15,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from sparsity_callbacks.cli import main as cli_main
 from sparsity_callbacks.config import SparsityConfig
-from sparsity_callbacks.sinks.mlflow import MLflowSink, MLflowSinkWarning, _replay_fallback, _sanitise_key
+from sparsity_callbacks.sinks.mlflow import MLflowSink, MLflowSinkWarning, _sanitise_key
 
 STEPS = (0, 10, 20)
 
@@ -233,7 +234,7 @@ def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_factory,
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_server, tmp_path):
+def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_server, tmp_path, capsys):
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     retry = 0.5
     sink = MLflowSink(
@@ -257,14 +258,16 @@ def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_
     assert len(_unreachable_warnings(records)) == 1
     (fallback_warning,) = [w for w in records if "could not be delivered" in str(w.message)]
     (path,) = tmp_path.glob("sparsity_mlflow_fallback_*.jsonl")
-    assert str(path) in str(fallback_warning.message) and "_replay_fallback" in str(fallback_warning.message)
+    assert f"sparsity-callbacks replay {path}" in str(fallback_warning.message)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0]["type"] == "header" and rows[0]["run_id"] is None and rows[0]["experiment"] == "never-back"
     assert [row[3] for r in rows if r["type"] == "metrics" for row in r["metrics"]] == [
         s for s in range(10) for _ in _metrics(s)
     ]
 
-    run_id = _replay_fallback(str(path), tracking_uri=mlflow_server)
+    # the documented recovery: the command the warning prints, pointed at the server that is up now
+    assert cli_main(["replay", str(path), "--tracking-uri", mlflow_server]) == 0
+    run_id = capsys.readouterr().out.strip()
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == "never-back"

@@ -152,7 +152,7 @@ def test_tied_embeddings_counted_once_frozen_and_integer_tensors_skipped(mode):
     model.register_parameter("step_counter", torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False))
     tracker = SparsityTracker(model, mode=mode)
     assert "lm_head.weight" not in tracker.names
-    assert tracker.tracked[0].aliases == ["lm_head.weight"]
+    assert tracker._tracked[0].aliases == ["lm_head.weight"]
     assert tracker.skipped == {
         "model.layers.0.input_layernorm.weight": "requires_grad=False",
         "step_counter": "not floating point (torch.int64)",

@@ -466,8 +466,8 @@ def test_freeze_discover_keeps_frozen_elements_bit_identical(mlflow_local, tmp_p
     args = _args(tmp_path / "out", max_steps=6, logging_steps=3, weight_decay=0.1, max_grad_norm=0.5)
     Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[callback, capture]).train()
 
-    assert callback.session.freeze_source == "discover@2"
-    discovered = callback.session._freeze_mask
+    assert callback._session.freeze_source == "discover@2"
+    discovered = callback._session._freeze_mask
     frozen_total = 0
     for name, at_freeze in capture.weights.items():
         now = dict(model.named_parameters())[name].detach()
@@ -543,7 +543,7 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
             if state.global_step == 2:
                 # everything so far delivered, so no request is in flight when the server dies (one in
                 # flight would sit in MLflow's own HTTP retries instead of reporting an outage)
-                assert callback.session.sink.flush(timeout=60)
+                assert callback._session.sink.flush(timeout=60)
                 server.stop()
             elif state.global_step == 5:
                 time.sleep(3)  # let the sink's worker find the server gone
@@ -614,7 +614,7 @@ def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
     with pytest.warns(UserWarning, match=r"frozen parameter\(s\) changed dtype after freezing began"):
         Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[callback, convert]).train()
 
-    mask = callback.session._freeze_mask
+    mask = callback._session._freeze_mask
     frozen_total = 0
     for name, at_convert in convert.weights.items():
         now = dict(model.named_parameters())[name].detach()
@@ -668,7 +668,7 @@ sparsity = SparsityCallback()
 class KillAtStep3(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
-            sparsity.session.sink.flush(60)  # what was measured so far reached MLflow; then die like a crash
+            sparsity._session.sink.flush(60)  # what was measured so far reached MLflow; then die like a crash
             os.kill(os.getpid(), signal.SIGKILL)
 
 args = _args({out!r}, max_steps=6, save_strategy="steps", save_steps=2, report_to={report!r})

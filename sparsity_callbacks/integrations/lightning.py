@@ -21,6 +21,7 @@ from sparsity_callbacks.session import (
     _fresh_run_replaceable,
     _refuse_two_loggers,
     _saved_run,
+    _SessionViews,
     _SparsitySession,
 )
 
@@ -43,7 +44,7 @@ _STATE_VERSION = 1
 STATE_DIR_PREFIX = "sparsity_state-step="
 
 
-class SparsityCallback(pl.Callback):
+class SparsityCallback(_SessionViews, pl.Callback):
     """Measure which weights training changes, live in MLflow; optionally freeze training to a mask.
 
     Example::
@@ -92,6 +93,10 @@ class SparsityCallback(pl.Callback):
             found. ``"raise"`` (default): a ``FileNotFoundError`` naming the expected path. ``"resnapshot"``:
             warn and take the current weights as the new reference (the cumulative curve starts over).
             A checkpoint saved without this callback always gives the warning and a new reference.
+
+    Attributes (read-only, the same as the Hugging Face callback's; None before ``on_train_start``):
+        tracker: the `SparsityTracker`; freezer: the `MaskFreezer` once freezing began;
+        last_measurement: the latest `Measurement`; run_id: the MLflow run logged into (after training).
     """
 
     def __init__(
@@ -107,18 +112,6 @@ class SparsityCallback(pl.Callback):
         self._last_logged_step: int | None = None
         self._saved: dict[str, Any] = {}  # what `state_dict` returns: the last side folder written
         self._resumed: dict[str, Any] | None = None  # what `load_state_dict` received
-
-    # --- read-only views -------------------------------------------------------------------------
-    @property
-    def session(self) -> _SparsitySession | None:
-        """The session of the current (or last) fit: ``session.tracker``, ``session.freezer``; None before
-        ``on_train_start``."""
-        return self._session
-
-    @property
-    def last_measurement(self) -> Measurement | None:
-        """The latest measurement of this rank's session (totals summed over ranks for sharded parameters)."""
-        return self._session.last_measurement if self._session is not None else None
 
     # --- Lightning hooks -------------------------------------------------------------------------
     @override

@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -34,12 +35,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
-from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
+from sparsity_callbacks.report import HEADLINE_KEYS
 from sparsity_callbacks.session import (
     TRACKER_FILE,
     _fresh_run_replaceable,
     _refuse_two_loggers,
     _saved_run,
+    _SessionViews,
     _SparsitySession,
 )
 
@@ -50,7 +52,7 @@ _WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
-class SparsityCallback(TrainerCallback):
+class SparsityCallback(_SessionViews, TrainerCallback):
     """Track which weights training changes (and optionally freeze to a mask), live in MLflow.
 
     Works with `transformers.Trainer` and every TRL trainer, which pass ``callbacks=`` on to it::
@@ -83,35 +85,21 @@ class SparsityCallback(TrainerCallback):
             ``compare_dtype="bfloat16"``, ``every_n_steps=10``, ``freeze_mask="discover"``,
             ``freeze_after_steps=50``, ``mlflow_experiment="rl"``).
 
-    Attributes (after train begin):
-        session: the `_SparsitySession` of the current / last training (tracker, freezer, sink).
-        tracker: its `SparsityTracker`; ``tracker.reference(name)`` is the reference of a tensor.
+    Attributes (read-only, the same as the Lightning callback's; None before train begin):
+        tracker: the `SparsityTracker`; ``tracker.reference(name)`` is the reference of a tensor.
+        freezer: the `MaskFreezer` once freezing began.
         last_measurement: the latest `Measurement` (the final one after train end).
         run_id: the MLflow run the metrics went to (after train end; None when not logging).
     """
 
     def __init__(self, config: SparsityConfig | None = None, **overrides: Any) -> None:
         self.config = _resolve_config(config, overrides)
-        self.session: _SparsitySession | None = None
-        self.run_id: str | None = None
+        self._session: _SparsitySession | None = None
         self._save_warned = False
         self._handler: CallbackHandler | None = None  # the Trainer's, while our relays are in it
         self._headline: dict[str, float] = {}  # figures measured at `_headline_step`, not yet in `logs`
         self._headline_step: int | None = None
         self._hidden: dict[str, float] = {}  # taken out of `logs` while HF's MLflowCallback runs
-
-    # --- read-only views -------------------------------------------------------------------------
-    @property
-    def tracker(self):
-        return None if self.session is None else self.session.tracker
-
-    @property
-    def freezer(self):
-        return None if self.session is None else self.session.freezer
-
-    @property
-    def last_measurement(self) -> Measurement | None:
-        return None if self.session is None else self.session.last_measurement
 
     # --- events ----------------------------------------------------------------------------------
     def on_train_begin(
@@ -123,8 +111,8 @@ class SparsityCallback(TrainerCallback):
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        if self.session is not None:  # a previous train() of this callback did not reach on_train_end
-            self.session.close()
+        if self._session is not None:  # a previous train() of this callback did not reach on_train_end
+            self._session.close()
         handler = _calling_handler(self)
         if handler is not None:
             _refuse_two_loggers(handler.callbacks, self)
@@ -135,28 +123,27 @@ class SparsityCallback(TrainerCallback):
             )
         model = _unwrap_model(model)
         step = int(state.global_step)
-        self.run_id = None
         resume_dir = _resume_dir(args, state) if step > 0 else None
         if resume_dir and state.is_world_process_zero and self.config.log_to_mlflow and not self.config.mlflow_run_id:
             _continue_saved_run(_saved_run(resume_dir), self.config.mlflow_tracking_uri)
-        self.session = _SparsitySession(
+        self._session = _SparsitySession(
             self.config,
             is_rank_zero=bool(state.is_world_process_zero),
             default_every_n_steps=_logging_interval(args, state),
             extra_params=_describe_tracked(model),
             clips_grad_norm=bool(args.max_grad_norm) and args.max_grad_norm > 0,
         )
-        self.session.start(model, [optimizer], step, resume_dir)
+        self._session.start(model, [optimizer], step, resume_dir)
         self._headline, self._headline_step = {}, None
         self._install_relays(handler)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         # The Trainer calls this after `optimizer.step()` and before `global_step += 1`: the step just taken
         # is `global_step + 1`, the step at which the Trainer logs its own metrics for it.
-        if self.session is None:
+        if self._session is None:
             return
         step = int(state.global_step) + 1
-        measurement = self.session.on_optimizer_step(step, last=0 < state.max_steps <= step)
+        measurement = self._session.on_optimizer_step(step, last=0 < state.max_steps <= step)
         if measurement is not None:
             metrics = measurement.to_metrics()
             self._headline = {key: metrics[key] for key in HEADLINE_KEYS if key in metrics}
@@ -178,7 +165,7 @@ class SparsityCallback(TrainerCallback):
             self._add_headline(state, logs)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self.session is None:
+        if self._session is None:
             return
         folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
         if not os.path.isdir(folder):
@@ -191,15 +178,13 @@ class SparsityCallback(TrainerCallback):
                     stacklevel=2,
                 )
             return
-        self.session.save(folder)
+        self._session.save(folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self.session is None:
+        if self._session is None:
             return
         self._remove_relays()
-        sink = self.session.sink
-        measurement = self.session.end(int(state.global_step))
-        self.run_id = sink.run_id if sink is not None else None  # after `end`: never waits for the server
+        measurement = self._session.end(int(state.global_step))
         if measurement is not None and state.is_world_process_zero:
             _log.info(
                 "sparsity_callbacks: step %s: changed %.4f, ever-changed %.4f of %d tracked elements%s",
@@ -232,7 +217,7 @@ class SparsityCallback(TrainerCallback):
         from transformers.integrations import MLflowCallback
 
         # Hidden from MLflowCallback only when the sink logs them (log_to_mlflow=False: MLflowCallback does).
-        hide = self.session is not None and self.session.sink is not None
+        hide = self._session is not None and self._session.sink is not None
         callbacks: list[TrainerCallback] = [_HeadlineRelay(self, "add")]
         for callback in handler.callbacks:
             if hide and isinstance(callback, MLflowCallback):
@@ -382,28 +367,44 @@ def _continue_saved_run(saved: dict[str, Any] | None, tracking_uri: str | None) 
     )
 
 
+def _running_trainer_resume_path() -> str | None:
+    """The ``resume_from_checkpoint`` that the running ``Trainer._inner_training_loop`` received, read from
+    its frame on the call stack; None when there is none.
+
+    transformers (4.46 to 5.x) gives callbacks no supported way to learn this path: `TrainerState` is
+    re-loaded from the checkpoint without it, ``args.resume_from_checkpoint`` is only set when the user sets
+    it, and callback state restored through ``ExportableState`` needs
+    ``restore_callback_states_from_checkpoint=True``. ``tests/test_public_api.py`` checks that
+    ``_inner_training_loop`` still takes that argument.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop":
+                value = frame.f_locals.get("resume_from_checkpoint")
+                return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 def _resume_dir(args: TrainingArguments, state: TrainerState) -> str | None:
     """The checkpoint folder this training resumes from (``global_step > 0``).
 
     ``Trainer.train(resume_from_checkpoint=...)`` does not hand the path to callbacks, so the candidates
     are, in order: the path in ``args.resume_from_checkpoint``, the ``resume_from_checkpoint`` the running
-    ``Trainer._inner_training_loop`` received (read from its frame), and
+    ``Trainer._inner_training_loop`` received (`_running_trainer_resume_path`), and
     ``<output_dir>/checkpoint-<global_step>``. The first holding a tracker state saved at this global step
     wins; else the first that exists (the session then warns that the reference restarts).
     """
     candidates: list[str] = []
     if isinstance(args.resume_from_checkpoint, str):
         candidates.append(args.resume_from_checkpoint)
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_inner_training_loop":
-            value = frame.f_locals.get("resume_from_checkpoint")
-            if isinstance(value, (str, os.PathLike)):
-                candidates.append(os.fspath(value))
-            break
-        frame = frame.f_back
-    del frame
-    candidates.append(os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}"))
+    running = _running_trainer_resume_path()
+    if running is not None:
+        candidates.append(running)
+    candidates.append(os.path.join(str(args.output_dir), f"{_CHECKPOINT_PREFIX}-{state.global_step}"))
 
     def saved_step(folder: str) -> int | None:
         try:

@@ -9,7 +9,7 @@ every ``retry_interval_s`` with a bounded exponential backoff (at most ``10 * re
 warning says so (emitted on the caller's thread at its next call) and one info line says when delivery
 recovered; buffered metrics are re-sent in their original order with their original timestamps and steps.
 If the server never comes back, `close` writes everything undelivered to a JSON-lines fallback file and
-warns with the command that replays it (`_replay_fallback`).
+warns with the command that replays it (``sparsity-callbacks replay FILE``, which calls `_replay_fallback`).
 
 Memory: the buffer holds only what has not been delivered yet (about 150 bytes per metric value), so it is
 bounded by what was measured during the outage: e.g. 100 metric keys every 10 steps for 10 000 steps of
@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import threading
@@ -510,8 +511,8 @@ class MLflowSink:
             warnings.warn(
                 f"MLflowSink: {n_metrics} metric values and {len(leftover)} queued items could not be delivered "
                 f"to MLflow at {self._uri} (run {self._run_id}); they were written to {path}. Replay them once "
-                "the server is back (or elsewhere: add tracking_uri=..., run_id=...) with:\n  python -c "
-                f'"from sparsity_callbacks.sinks.mlflow import _replay_fallback; _replay_fallback({path!r})"',
+                "the server is back (or elsewhere: add --tracking-uri URI / --run-id ID) with:\n  "
+                f"sparsity-callbacks replay {shlex.quote(path)}",
                 MLflowSinkWarning,
                 stacklevel=2,
             )
