@@ -310,7 +310,7 @@ class _Reader:
 
 
 def _pread_exact(fd: int, out: np.ndarray, offset: int, path: str) -> None:
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     done = 0
     while done < len(view):
         if hasattr(os, "preadv"):

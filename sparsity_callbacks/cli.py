@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 usage error or incompatible inputs, 1 any other failure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -490,7 +491,7 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(data, args.json)
     if args.json != "-":
-        _print_overlap(data, masks, args)
+        _print_overlap(data, masks)
     return 0
 
 
@@ -515,7 +516,10 @@ def _group_overlap(per_tensor: Mapping[str, Any], key) -> dict:
         s[3] += o.intersection
         e = o.expected_intersection_magnitude_matched
         expected[k] = None if e is None or expected[k] is None else expected[k] + e
-    return {k: Overlap(*v, expected_intersection_magnitude_matched=expected[k]) for k, v in sorted(sums.items())}
+    return {
+        k: Overlap(v[0], v[1], v[2], v[3], expected_intersection_magnitude_matched=expected[k])
+        for k, v in sorted(sums.items())
+    }
 
 
 def _base_weights(source: str, masks) -> dict:
@@ -594,7 +598,7 @@ def _overlap_matrix(masks, labels) -> dict:
     }
 
 
-def _print_overlap(data: dict, masks, args) -> None:
+def _print_overlap(data: dict, masks) -> None:
     out = _Output()
     labels = data["labels"]
     for label, src, mask in zip(labels, data["sources"], masks):
@@ -794,7 +798,7 @@ def _tensor_counts(name: str, row: Any, source: str):
         raise ValueError(
             f"{source}: tensor {name!r} of the `tensors` table is not an object with a `numel`: {row!r:.80}."
         )
-    counts = {}
+    counts: dict[str, int] = {}
     for key in ("numel", "changed", "ever_changed", "churn"):
         value = row.get(key, 0)
         limit = counts.get("numel", 2**62)
@@ -904,7 +908,7 @@ class _tracking_uri:
 
     def __init__(self, uri: str | None) -> None:
         self.uri = uri
-        self.previous = None
+        self.previous: str | None = None
 
     def __enter__(self) -> None:
         if self.uri:
@@ -917,7 +921,7 @@ class _tracking_uri:
         if self.uri:
             import mlflow
 
-            mlflow.set_tracking_uri(self.previous)
+            mlflow.set_tracking_uri(self.previous)  # type: ignore[arg-type]  # None: MLflow's default
 
 
 class _Output:
@@ -928,7 +932,7 @@ class _Output:
             from rich.console import Console
 
             tty = sys.stdout.isatty()
-            self.console = Console(file=sys.stdout, highlight=False, width=None if tty else 200, soft_wrap=not tty)
+            self.console: Any = Console(file=sys.stdout, highlight=False, width=None if tty else 200, soft_wrap=not tty)
         except ImportError:
             self.console = None
 
@@ -974,6 +978,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.file!r} does not exist. HINT: the MLflowSink warning at the end of training names the file."
         )
-    run_id = _replay_fallback(args.file, args.tracking_uri, run_id=args.run_id)
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ..." links: stdout is the run id alone
+        run_id = _replay_fallback(args.file, args.tracking_uri, run_id=args.run_id)
     print(run_id)
     return 0

@@ -302,7 +302,7 @@ def diff_checkpoints(
     engine = _Engine(cdtype, atols, chunk_numel, mask)
     done_bytes = 0
 
-    def finish(job: _Job, lo: int, n: int, counts: tuple[int, list[int], int]) -> None:
+    def finish(job: _Job, n: int, counts: tuple[int, list[int], int]) -> None:
         nonlocal done_bytes
         changed, within, nonfinite = counts
         t = job.diff
@@ -311,7 +311,7 @@ def diff_checkpoints(
         t.nonfinite += nonfinite
         job.remaining -= 1
         if job.remaining == 0:
-            _finalize(job, rank)
+            _finalize(job)
         done_bytes += n * (job.a_item + job.b_item)
         report(done_bytes, t.name)
 
@@ -322,7 +322,7 @@ def diff_checkpoints(
         if workers == 1:
             for job, lo, n in tasks:
                 _start(job, lo, rank, mask)
-                finish(job, lo, n, engine.chunk(job, lo, n))
+                finish(job, n, engine.chunk(job, lo, n))
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsity-diff") as pool:
                 inflight: deque = deque()
@@ -331,11 +331,11 @@ def diff_checkpoints(
                         _start(job, lo, rank, mask)
                         inflight.append((job, lo, n, pool.submit(engine.chunk, job, lo, n)))
                         while len(inflight) >= 2 * workers:
-                            job_, lo_, n_, future = inflight.popleft()
-                            finish(job_, lo_, n_, future.result())
+                            job_, _, n_, future = inflight.popleft()
+                            finish(job_, n_, future.result())
                     while inflight:
-                        job_, lo_, n_, future = inflight.popleft()
-                        finish(job_, lo_, n_, future.result())
+                        job_, _, n_, future = inflight.popleft()
+                        finish(job_, n_, future.result())
                 except BaseException:
                     for *_, future in inflight:
                         future.cancel()
@@ -347,7 +347,7 @@ def diff_checkpoints(
     result.bytes_read = done_bytes
     if mask:
         shapes = {n: t.shape for n, t in result.tensors.items()}
-        bits = {job.diff.name: job.packed for job in jobs}
+        bits = {job.diff.name: job.packed for job in jobs if job.packed is not None}
         signatures = {job.diff.name: job.signature for job in jobs if job.signature is not None}
         metadata = {
             "source": "diff",
@@ -518,7 +518,7 @@ def _start(job: _Job, lo: int, rank: bool, mask: bool) -> None:
         job.delta = torch.empty(numel, dtype=torch.float32)
 
 
-def _finalize(job: _Job, rank: bool) -> None:
+def _finalize(job: _Job) -> None:
     """After a tensor's last chunk: its rank and its mask signature."""
     t = job.diff
     if job.delta is not None:
@@ -558,9 +558,10 @@ class _Engine:
         buf = buffers.get(kind)
         if buf is None:
             buf = buffers[kind] = np.empty(self.chunk_numel * 8, dtype=np.uint8)
-        raw = buf[: n * info.torch_dtype.itemsize]
+        dtype = _DTYPES[info.dtype]
+        raw = buf[: n * dtype.itemsize]
         self._reader.read(info, lo, raw)
-        return torch.from_numpy(raw).view(info.torch_dtype)
+        return torch.from_numpy(raw).view(dtype)
 
     def chunk(self, job: _Job, lo: int, n: int) -> tuple[int, list[int], int]:
         """Counts of elements ``[lo, lo + n)``: ``(changed, [changed with atol, per atol], nonfinite in
@@ -581,7 +582,7 @@ class _Engine:
             if delta is not None:
                 delta.zero_()
             return 0, [0] * len(self.atols), nonfinite
-        if self.mask:
+        if job.packed is not None:
             job.packed[lo // 8 : lo // 8 + (n + 7) // 8] = _pack_bits(differ)
         if delta is not None:
             step = (tuned - base).float() if tuned.dtype == torch.float64 else tuned.float() - base.float()

@@ -240,7 +240,7 @@ class _FrozenTensor:
     def gather(self) -> torch.Tensor:
         """A new 1-D tensor of the trainable values, with ``.grad`` the trainable gradient elements."""
         data = self.data()
-        compact = _flat(data).index_select(0, self.index)
+        compact = _flat(data).index_select(0, self.index)  # type: ignore[arg-type]  # compact state: set
         grad = self.param.grad
         if grad is not None:
             compact.grad = grad.reshape(-1).index_select(0, self.index.to(grad.device))
@@ -261,12 +261,13 @@ class _FrozenTensor:
 
 def _restore_bits(entry: _FrozenTensor, bits: torch.Tensor) -> None:
     """Write the freeze-time bits into the frozen elements of ``bits`` (the integer view of local data)."""
+    frozen: torch.Tensor = entry.frozen  # type: ignore[assignment]  # set for the dense mechanism, which calls this
     if entry.keep is None:
-        bits.copy_(entry.frozen)
+        bits.copy_(frozen)
     elif entry.compact:
-        bits.masked_scatter_(~entry.keep, entry.frozen)
+        bits.masked_scatter_(~entry.keep, frozen)
     else:  # one pass: frozen bits (0 where trainable) + bits * keep (0 where frozen)
-        torch.addcmul(entry.frozen, bits, entry.keep, out=bits)
+        torch.addcmul(frozen, bits, entry.keep, out=bits)
 
 
 def _restore(entries: list[_FrozenTensor]) -> None:
@@ -540,11 +541,11 @@ class MaskFreezer:
         # reduce-scatters them into the local gradient shard during backward; the shards are masked at the end
         # of backward (before any clipping), armed from forward hooks on the modules owning frozen parameters.
         # ZeRO-3: DeepSpeed's optimizer masks them before its step (see `attach`).
-        entries = list(self._entries.values())
+        frozen = list(self._entries.values())
         self._grad_handles = [
-            e.param.register_post_accumulate_grad_hook(self._grad_hook) for e in entries if e.kind == "full"
+            e.param.register_post_accumulate_grad_hook(self._grad_hook) for e in frozen if e.kind == "full"
         ]
-        self._shard_entries = [e for e in entries if e.kind in ("dtensor", "fsdp1")]
+        self._shard_entries = [e for e in frozen if e.kind in ("dtensor", "fsdp1")]
         if self._shard_entries:
             owned = {id(e.param) for e in self._shard_entries}
             owners = [m for m in model.modules() if any(id(p) in owned for p in m._parameters.values())]

@@ -17,6 +17,7 @@ class _SparsityCounts(Metric):
 
     full_state_update = False
     higher_is_better = None
+    counts: torch.Tensor
 
     def __init__(self, num_tensors: int, columns: int = 4, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -127,9 +127,10 @@ def _layout(param: torch.Tensor) -> _Layout:
     if getattr(param, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3
         import torch.distributed as dist
 
-        shape = tuple(param.ds_shape)
+        shape = tuple(param.ds_shape)  # type: ignore[attr-defined]  # DeepSpeed's attributes
         total = math.prod(shape)
-        partition = int(getattr(param.ds_tensor, "ds_numel", param.ds_tensor.numel()))
+        ds_tensor: torch.Tensor = param.ds_tensor  # type: ignore[attr-defined]
+        partition = int(getattr(ds_tensor, "ds_numel", ds_tensor.numel()))
         group = getattr(param, "ds_process_group", None)
         rank = dist.get_rank(group=group) if dist.is_initialized() else 0
         start = min(rank * partition, total)
@@ -201,7 +202,7 @@ class _TrackedTensor:
     name: str
     param: torch.nn.Parameter
     aliases: list[str] = field(default_factory=list)
-    layout: _Layout | None = None
+    layout: _Layout = None  # type: ignore[assignment]  # set from `param` in __post_init__
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -249,7 +250,7 @@ def _skip_reason(name: str, param: torch.Tensor, include: list, exclude: list) -
 def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Full shape of a parameter, also for ZeRO-3 (``ds_shape``) and FSDP1 (whose ``param.shape`` is local)."""
     if getattr(param, "ds_tensor", None) is not None:
-        return tuple(param.ds_shape)
+        return tuple(param.ds_shape)  # type: ignore[attr-defined]
     layout = _FSDP1_LAYOUTS.get(param)
     return layout.shape if layout is not None else tuple(param.shape)
 

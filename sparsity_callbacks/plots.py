@@ -30,7 +30,7 @@ _CURVES = {
 
 def _grid(cells: Mapping[tuple[int | None, str], float]) -> tuple[list[int | None], list[str]]:
     """Rows: layer indices ascending, then None (the ``other`` row) last. Columns: module types sorted."""
-    layers = sorted({layer for layer, _ in cells if layer is not None})
+    layers: list[int | None] = [*sorted({layer for layer, _ in cells if layer is not None})]
     if any(layer is None for layer, _ in cells):
         layers.append(None)
     modules = sorted({module for _, module in cells})

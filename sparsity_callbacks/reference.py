@@ -128,12 +128,14 @@ def _kernel(
     values = current if stored_dtype is not None else _to_compare(current, compare_dtype)
     fingerprint = _fingerprint(values, bits) if (fingerprint_reference or previous is not None) else None
     if fingerprint_reference:
+        assert fingerprint is not None
         changed = _pack_planar(fingerprint != reference)
     else:
         changed = _pack_planar(_changed(values, reference, atol))
     churn = None
     churn_count = changed.new_zeros((), dtype=torch.int64)
     if previous is not None:
+        assert fingerprint is not None
         churn = _pack_planar(fingerprint != previous)
         churn_count = _popcount(churn)
         if update:

@@ -41,14 +41,14 @@ def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
     if m.has_churn:
         metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
     if m.step_changed is not None:
-        metrics[f"{PREFIX}step_changed_fraction"] = m.step_changed_fraction
-        metrics[f"{PREFIX}step_delta_bytes"] = float(m.step_delta_bytes)
+        metrics[f"{PREFIX}step_changed_fraction"] = m.step_changed_fraction  # type: ignore[assignment]
+        metrics[f"{PREFIX}step_delta_bytes"] = float(m.step_delta_bytes)  # type: ignore[arg-type]
     if p:
         metrics[f"{PREFIX}changed_fraction_upper"] = min(1.0, m._fraction(m.changed_upper))
     if m.nonfinite:
         metrics[f"{PREFIX}nonfinite_elements"] = float(m.nonfinite)
     if m.changed_native is not None:
-        metrics[f"{PREFIX}changed_fraction_native"] = m.changed_fraction_native
+        metrics[f"{PREFIX}changed_fraction_native"] = m.changed_fraction_native  # type: ignore[assignment]
 
     def fraction(c: TensorCounts) -> float:
         return min(1.0, m._estimate(c.changed, p) / c.numel) if c.numel else math.nan

@@ -227,7 +227,9 @@ class _SparsitySession:
         if self.tracker is None:
             return None
         discover = (
-            self.config.freeze_mask == "discover" and self.freezer is None and step >= self.config.freeze_after_steps
+            self.config.freeze_mask == "discover"
+            and self.freezer is None
+            and step >= (self.config.freeze_after_steps or 0)  # set whenever "discover" (SparsityConfig checks)
         )
         if self._state_bytes_pending:  # the optimizer state created by the first step after freezing
             self._log_state_bytes(step)
@@ -330,7 +332,7 @@ class _SparsitySession:
             # A framework's run (HF's active run, Lightning's MLFlowLogger) wins: the adapters already moved it
             # back to the saved run where they could, so that the framework's own metrics continue there too.
             if run_id is None and mlflow.active_run() is None and _still_running(saved, uri):
-                run_id, finish = saved["run_id"], bool(saved.get("owns_run"))
+                run_id, finish = saved["run_id"], bool(saved.get("owns_run"))  # type: ignore[index]
                 _log.info("sparsity_callbacks: resuming into MLflow run %s (saved with the checkpoint)", run_id)
             self.sink = MLflowSink(
                 run_id=run_id,
@@ -344,12 +346,13 @@ class _SparsitySession:
             )
             return
         tracker = self.tracker
+        assert tracker is not None  # the sink opens after the snapshot
         params = self.config.to_params()
         params.update(
             {
-                "sparsity.resolved_mode": tracker.mode,
-                "sparsity.tracked_tensors": str(len(tracker.tracked)),
-                "sparsity.tracked_elements": str(sum(t.layout.numel for t in tracker.tracked)),
+                "sparsity.resolved_mode": str(tracker.mode),
+                "sparsity.tracked_tensors": str(len(tracker._tracked)),
+                "sparsity.tracked_elements": str(sum(t.layout.numel for t in tracker._tracked)),
                 "sparsity.skipped_tensors": str(len(tracker.skipped)),
                 "sparsity.every_n_steps": str(self.every_n_steps),
             }
@@ -377,6 +380,7 @@ class _SparsitySession:
     def _freeze(self, mask: Mask, source: str, step: int) -> None:
         from sparsity_callbacks.freeze import MaskFreezer
 
+        assert self._model is not None  # set by `start`
         compact = self.config.compact_optimizer_state
         self.freezer = MaskFreezer(
             self._model,

@@ -453,13 +453,14 @@ class SparsityTracker:
         nonfinite = _count_nonfinite(flat)
         for start, end in _chunks(padded, self._chunk):
             values = _flat_chunk(flat, start, end, dtype)
-            fingerprint = _fingerprint(values, bits) if (previous is not None or self.mode != "exact") else None
             if self.mode == "exact":
                 reference[start:end].copy_(values, non_blocking=True)
-            else:
-                reference[start:end] = fingerprint
-            if previous is not None:
-                previous[start:end] = fingerprint
+            if previous is not None or self.mode != "exact":
+                fingerprint = _fingerprint(values, bits)
+                if self.mode != "exact":
+                    reference[start:end] = fingerprint
+                if previous is not None:
+                    previous[start:end] = fingerprint
             if native is not None:
                 own = _flat_chunk(flat, start, end, flat.dtype)
                 native[start:end] = _fingerprint(own, bits)
@@ -501,7 +502,9 @@ class SparsityTracker:
     def _current_parameters(self) -> dict[str, torch.Tensor]:
         """The tracked parameters as they are now, by name; raises when the model changed shape, warns
         (once) about trainable parameters added after the snapshot, which are not tracked."""
-        params = {_clean_name(n): p for n, p in self.model.named_parameters(remove_duplicate=False)}
+        params: dict[str, torch.Tensor] = {
+            _clean_name(n): p for n, p in self.model.named_parameters(remove_duplicate=False)
+        }
         for tracked in self._tracked:
             param = params.get(tracked.name)
             if param is None:
@@ -515,7 +518,7 @@ class SparsityTracker:
                     f"Parameter {tracked.name!r} changed shape from {list(tracked.shape)} to {list(shape)} after "
                     "the snapshot. HINT: create a new SparsityTracker and call snapshot()."
                 )
-            tracked.param = param
+            tracked.param = param  # type: ignore[assignment]  # a Parameter (named_parameters)
         if "new_parameters" not in self._warned:
             self._warn_new_parameters(params)
         return params

@@ -31,7 +31,7 @@ try:
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - only the standalone package is installed
     try:
-        import pytorch_lightning as pl
+        import pytorch_lightning as pl  # type: ignore[no-redef]
     except ImportError as err:
         raise ImportError(
             "sparsity_callbacks.integrations.lightning needs Lightning. "
@@ -117,7 +117,7 @@ class SparsityCallback(_SessionViews, pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
-        _refuse_two_loggers(trainer.callbacks, self)
+        _refuse_two_loggers(trainer.callbacks, self)  # type: ignore[attr-defined]
         step = trainer.global_step
         resume_dir = self._resume_dir(trainer, step)
         if resume_dir and trainer.is_global_zero and self.config.log_to_mlflow and not self.config.mlflow_run_id:
@@ -126,7 +126,7 @@ class SparsityCallback(_SessionViews, pl.Callback):
         self._session = _SparsitySession(
             self.config,
             is_rank_zero=trainer.is_global_zero,
-            default_every_n_steps=trainer.log_every_n_steps,
+            default_every_n_steps=trainer.log_every_n_steps,  # type: ignore[attr-defined]
             run_id=self.config.mlflow_run_id or run_id,
             tracking_uri=self.config.mlflow_tracking_uri or tracking_uri,
             extra_params={
@@ -304,6 +304,9 @@ def _continue_saved_run(trainer: pl.Trainer, saved: dict[str, Any] | None) -> No
     run is still RUNNING and the new one holds no metric yet, point the logger back at the saved run (its
     ``_run_id``: ``MLFlowLogger(run_id=...)`` does the same when set by hand) and mark the new run deleted
     (MLflow's soft delete), so Lightning's metrics and ours continue in the one run of this training."""
+    if saved is None:
+        return
+    logger: Any  # an MLFlowLogger below (`_is_mlflow_logger`)
     for logger in trainer.loggers:
         if not _is_mlflow_logger(logger):
             continue
@@ -325,7 +328,7 @@ def _mlflow_logger_run(trainer: pl.Trainer) -> tuple[str | None, str | None]:
     """``(run_id, tracking_uri)`` of the trainer's first ``MLFlowLogger``, else ``(None, None)``."""
     for logger in trainer.loggers:
         if _is_mlflow_logger(logger):
-            run_id = logger.run_id  # creates the logger's run if it has not yet
-            uri = getattr(logger, "_tracking_uri", None) or getattr(logger.experiment, "tracking_uri", None)
+            run_id = logger.run_id  # type: ignore[attr-defined]  # an MLFlowLogger; creates its run if needed
+            uri = getattr(logger, "_tracking_uri", None) or getattr(logger.experiment, "tracking_uri", None)  # type: ignore[attr-defined]
             return run_id, uri
     return None, None

@@ -167,7 +167,7 @@ class SparsityCallback(_SessionViews, TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._session is None:
             return
-        folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
+        folder = os.path.join(str(args.output_dir), f"{_CHECKPOINT_PREFIX}-{state.global_step}")
         if not os.path.isdir(folder):
             # e.g. a hyperparameter-search trial writes into <output_dir>/<run name>/checkpoint-<step>.
             if not self._save_warned:
@@ -262,7 +262,7 @@ class _HeadlineRelay(TrainerCallback):
 def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
     """The Trainer's `CallbackHandler` that is calling ``callback`` now (its ``call_event`` frame), or None
     when the event was called some other way. Transformers gives callbacks no reference to it."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     try:
         for _ in range(6):
             frame = frame.f_back
@@ -317,7 +317,7 @@ def _logging_interval(args: TrainingArguments, state: TrainerState) -> int:
 def _running_trainer() -> Any:
     """The `Trainer` whose ``_inner_training_loop`` is on the call stack (transformers does not hand it to
     callbacks), or None."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_inner_training_loop":
             return frame.f_locals.get("self")

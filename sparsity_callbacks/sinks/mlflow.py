@@ -137,7 +137,7 @@ def _is_refusal(err: BaseException) -> bool:
     return status is not None and 400 <= status < 500 and status not in _TRANSIENT_STATUSES
 
 
-def _is_connection_error(err: BaseException) -> bool:
+def _is_connection_error(err: BaseException | None) -> bool:
     """True for errors that mean "no answer" (refused, reset, timed out), also when MLflow wrapped them."""
     import requests
 
@@ -223,7 +223,7 @@ def _limit_worker_requests() -> None:
             return _original(*args, **kwargs)
 
         http_request._sparsity_limited = True  # type: ignore[attr-defined]
-        module.http_request = http_request
+        module.http_request = http_request  # type: ignore[attr-defined]
 
 
 def _close_at_exit(ref: weakref.ReferenceType[MLflowSink]) -> None:
@@ -605,7 +605,7 @@ class MLflowSink:
         store (sqlite, file) that fails -- e.g. a database whose tables were half-created by a process killed
         while MLflow created them, which no retry repairs."""
         err = self._outage_error
-        if _is_http(self._uri):
+        if _is_http(self._uri or ""):
             if (
                 err is None
                 or isinstance(err, _Unreachable)
@@ -683,7 +683,8 @@ class MLflowSink:
 
     def _attempt(self) -> None:
         """Deliver the run creation or the next batch; raise on an outage (nothing is removed then)."""
-        if _is_http(self._uri) and not _probe(self._uri, _PROBE_TIMEOUT_S):
+        uri = self._uri or ""  # resolved before the worker runs
+        if _is_http(uri) and not _probe(uri, _PROBE_TIMEOUT_S):
             raise _Unreachable(f"no answer from {self._uri}/health within {_PROBE_TIMEOUT_S:g} s")
         if self._client is None:
             from mlflow import MlflowClient
