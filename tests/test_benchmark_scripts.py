@@ -14,6 +14,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GPU = os.path.join(_ROOT, "benchmarks", "gpu.py")
 
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts in subprocesses
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": _ROOT, "OMP_NUM_THREADS": "1"}
     return subprocess.run(

@@ -72,6 +72,7 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 
 # --- entry points ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_module_entry_point_prints_help_with_examples():
     proc = subprocess.run(
         [sys.executable, "-m", "sparsity_callbacks", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
@@ -258,6 +259,7 @@ def test_missing_and_corrupt_inputs(models, tmp_path, capsys):
     assert code == 1 and "truncated" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_peak_memory_is_far_below_one_model(tmp_path):
     """Two ~200 MB files: the diff's peak RSS stays below 0.6 x one file + the interpreter's own baseline."""
     gen = torch.Generator().manual_seed(0)
@@ -362,6 +364,7 @@ def test_overlap_of_three_masks_gives_matrices(tmp_path, capsys):
     assert code == 0 and "chance o(row, col)" in out and "Jaccard" in out
 
 
+@pytest.mark.slow
 def test_overlap_chance_baseline_agrees_with_random_masks(tmp_path, capsys):
     """E[o(A, B)] = |B| / N for independent uniformly random masks of fixed sizes. |A n B| is hypergeometric,
     so the simulated mean of o(A, B) over S pairs has standard error sqrt(Var I) / |A| / sqrt(S); we allow 5 of
@@ -447,6 +450,7 @@ def test_report_of_a_missing_source_exits_2(tmp_path, capsys):
     assert code == 2 and "neither a file nor an MLflow run" in err
 
 
+@pytest.mark.slow
 def test_report_and_overlap_of_a_run_create_no_store_where_none_is_configured(tmp_path):
     """Without MLFLOW_TRACKING_URI, MLflow's default is ./mlflow.db; reading a run must not create it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -467,6 +471,7 @@ def test_report_and_overlap_of_a_run_create_no_store_where_none_is_configured(tm
 
 
 # --- MLflow ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_diff_to_mlflow_then_report_and_overlap_from_the_run(models, tmp_path, capsys, mlflow_local):
     from mlflow import MlflowClient
 
@@ -597,6 +602,7 @@ def test_diff_error_on_a_non_safetensors_file_does_not_echo_its_bytes(tmp_path, 
     assert "not a safetensors file" in err and "root" not in err.replace(str(tmp_path), "")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_named_safetensors_is_refused_instead_of_hanging(tmp_path, capsys):
     base = tmp_path / "base.safetensors"

@@ -40,6 +40,9 @@ EDITS = {  # flat indices in the full tensors; embed rank boundary at 34 rows * 
 N_EDITS = sum(len(v) for v in EDITS.values())
 
 
+pytestmark = pytest.mark.distributed  # real multi-process (gloo) runs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,9 @@ from mlflow import MlflowClient
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
+pytestmark = pytest.mark.slow  # runs the examples end to end
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)

@@ -28,6 +28,7 @@ WARMUP_CALLS = 500
 RSS_TOLERANCE = 4 * 2**20
 
 
+@pytest.mark.slow
 def test_soak_rss_history_and_metric_keys_stay_bounded():
     import psutil
 
@@ -318,6 +319,7 @@ def test_mask_with_negative_or_malformed_shapes_is_refused(tmp_path):
         Mask.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_replay_uploads_only_files_of_the_fallbacks_own_artifacts_folder(tmp_path, mlflow_local):
     import json
 

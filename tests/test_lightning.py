@@ -35,6 +35,9 @@ DIST_TIMEOUT_S = 120
 
 
 # --- a tiny LightningModule ------------------------------------------------------------------------
+pytestmark = pytest.mark.slow  # real Lightning fits, subprocesses and an MLflow server
+
+
 class LitLM(pl.LightningModule):
     """Causal-LM loss on a tiny Llama. ``manual``: manual optimization with two optimizers (embeddings +
     block 0, the rest), both stepped every batch. ``fsdp2``: the model is built and ``fully_shard``-ed in

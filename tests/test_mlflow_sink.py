@@ -22,6 +22,9 @@ from sparsity_callbacks.sinks.mlflow import MLflowSink, MLflowSinkWarning, _sani
 STEPS = (0, 10, 20)
 
 
+pytestmark = pytest.mark.slow  # real MLflow servers, outages and retries
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -124,6 +124,7 @@ def test_fingerprint_detects_every_small_ulp_edit(dtype, bits):
     assert torch.equal(detected, expected)
 
 
+@pytest.mark.slow
 def test_fingerprint_corrected_count_within_bound_for_large_random_edits():
     """Random new values: each change is missed with probability ~1/255. Over 40 seeded trials of
     20 000 changes (≈80 misses each, sd ≈ 9), the true count must never exceed the 99.9 % upper bound
@@ -224,6 +225,7 @@ def test_bfloat16_compare_hides_sub_ulp_drift_of_fp32_training():
     assert rounded < 0.25 * full
 
 
+@pytest.mark.slow
 def test_chunking_and_compile_give_identical_counts():
     torch.manual_seed(0)
     module = torch.nn.Linear(999, 37)  # numel not a multiple of 8 or of the chunk
@@ -318,6 +320,7 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_state_round_trip_in_a_fresh_process_continues_the_ever_changed_mask(tmp_path):
     from safetensors.torch import load_file, save_file
 

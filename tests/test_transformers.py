@@ -31,6 +31,9 @@ ARTIFACTS = {"sparsity/mask.safetensors", "sparsity/report.json", "sparsity/heat
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+pytestmark = pytest.mark.slow  # real transformers/TRL trainers and an MLflow server
+
+
 def _lm_dataset(n: int = 32, seq: int = 12, low: int = 4, high: int = 20, seed: int = 0) -> Dataset:
     """Random token sequences over ids [low, high): embedding rows of other ids get no gradient."""
     g = torch.Generator().manual_seed(seed)
