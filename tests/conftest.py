@@ -16,6 +16,23 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m "not slow"`` / ``-m "not distributed"``, do not even import a test file whose every test
+    carries that marker (a module-level ``pytestmark``): importing transformers, Lightning and MLflow for
+    tests that are deselected anyway would take most of the fast subset's time."""
+    expression = config.getoption("markexpr") or ""
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    excluded = [m for m in ("slow", "distributed") if f"not {m}" in expression]
+    if not excluded:
+        return None
+    head = collection_path.read_text(encoding="utf-8", errors="replace")
+    if any(f"pytestmark = pytest.mark.{m}" in head for m in excluded):
+        return True
+    return None
+
+
 #: seconds to wait for `mlflow server` to answer /health (about 5-10 s on a 2-core machine).
 _SERVER_START_TIMEOUT_S = 90.0
 

@@ -359,6 +359,7 @@ def test_accelerate_wrapped_optimizer():
         AcceleratorState._reset_state(True)
 
 
+@pytest.mark.slow
 def test_lightning_optimizer_in_a_real_fit():
     import lightning.pytorch as pl
     from lightning.pytorch.core.optimizer import LightningOptimizer

@@ -384,6 +384,7 @@ def _check_hf(tmp_path, name: str) -> None:
     assert compact_optimizers == (0 if name in DENSE_ON_CPU else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINER_FAST)
 def test_hf_trainer_compact_state_bit_identical_to_dense_freezing(tmp_path, name):
     _check_hf(tmp_path, name)
@@ -395,6 +396,7 @@ def test_hf_trainer_compact_state_bit_identical_to_dense_freezing_every_optimize
     _check_hf(tmp_path, name)
 
 
+@pytest.mark.slow
 def test_hf_trainer_resume_with_compact_state_continues_bit_exactly(tmp_path, mlflow_local):
     from mlflow import MlflowClient
 
@@ -495,6 +497,7 @@ def _check_lightning(tmp_path, name: str) -> None:
     assert compact_optimizers == (0 if name in DENSE_ON_CPU else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINER_FAST)
 def test_lightning_compact_state_bit_identical_to_dense_freezing(tmp_path, name):
     _check_lightning(tmp_path, name)
@@ -506,6 +509,7 @@ def test_lightning_compact_state_bit_identical_to_dense_freezing_every_optimizer
     _check_lightning(tmp_path, name)
 
 
+@pytest.mark.slow
 def test_lightning_resume_with_compact_state_continues_bit_exactly(tmp_path):
     import glob
 
@@ -521,6 +525,7 @@ def test_lightning_resume_with_compact_state_continues_bit_exactly(tmp_path):
             assert torch.equal(a[tensor], b[tensor]), tensor
 
 
+@pytest.mark.slow
 def test_hf_trainer_without_clipping_stops_the_gradients_of_fully_frozen_tensors(tmp_path):
     mask_path = _mask_file(tmp_path)
     model, weights, _, compact_optimizers, embed_requires_grad = _hf_train(
