@@ -105,6 +105,7 @@ def test_fingerprint_estimate_is_the_detected_count_in_bf16_and_corrected_in_fp3
     assert m32.churn_fraction == pytest.approx(0.1 / (1 - 1 / 255))
 
 
+@pytest.mark.slow
 def test_trainer_run_logs_the_representable_fraction_param_and_the_native_metric(mlflow_local, tmp_path):
     """A real HF Trainer on a tiny Llama whose weights are fp32 (almost none bf16 values): the param, the
     warning, and sparsity/changed_fraction_native >= sparsity/changed_fraction at every step."""
