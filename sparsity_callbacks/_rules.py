@@ -53,6 +53,13 @@ def _to_compare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if values.dtype == dtype:
         return values
     converted = values.to(dtype)
+    if (
+        values.device.type == "cpu"
+        and values.element_size() > 1
+        and not torch.compiler.is_compiling()
+        and bool(torch.isfinite(values.sum()))
+    ):
+        return converted  # no NaN in `values` (one fast reduction; CPU, so no device sync): nothing to canonicalise
     return converted.masked_fill_(converted.isnan(), float("nan"))
 
 
