@@ -208,6 +208,7 @@ def _trainer(kind, model, tokenizer, lr, seed, steps, options: Options, callback
         args = DPOConfig(**common, per_device_train_batch_size=4, beta=0.1, max_length=64)
         return DPOTrainer(
             model=model,
+            ref_model=copy.deepcopy(model),  # the frozen reference policy: the base (TRL would reload it by name)
             args=args,
             train_dataset=_preference_pairs(seed),
             processing_class=tokenizer,
