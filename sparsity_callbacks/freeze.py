@@ -102,7 +102,10 @@ class _FrozenTensor:
     local tensor's flat (row-major) view, sorted, int32 below 2^31 elements; None with ``fully_frozen``. The
     optimizer steps a 1-D tensor of those elements only (`gather` / `scatter`); nothing else is stored.
 
-    ``layout``: where the local elements sit in the full tensor."""
+    ``layout``: where the local elements sit in the full tensor. ``mesh`` (FSDP2 compact state): the 1-D device
+    mesh of the parameter; its compact tensor is then a 1-D ``Shard(0)`` DTensor of ``compact_numel`` elements
+    (the sum over the ranks' trainable counts) whose local shard is this rank's trainable elements, so it
+    joins the DTensor parameters' (foreach) step and the optimizer's elementwise ops on it stay local."""
 
     name: str
     param: torch.nn.Parameter
@@ -114,6 +117,8 @@ class _FrozenTensor:
     layout: _Layout | None = None  # None: the full tensor (single process, DDP replica)
     index: torch.Tensor | None = None
     fully_frozen: bool = False
+    mesh: Any = None
+    compact_numel: int = 0
 
     @property
     def dense(self) -> bool:
@@ -176,6 +181,8 @@ class _FrozenTensor:
         _bits(local).mul_(self.keep.to(local.device).view(local.shape))
 
     def _zero_frozen_by_index(self, local: torch.Tensor) -> None:
+        if self.index.numel() == local.numel():  # no frozen element on this rank (a shard)
+            return
         index = self.index.to(local.device)
         if not local.is_contiguous():  # a gradient laid out unlike its parameter: through a temporary mask
             keep = torch.zeros(local.numel(), dtype=torch.bool, device=local.device)
@@ -213,13 +220,27 @@ class _FrozenTensor:
         return self.index if self.index is not None else self.keep.reshape(-1).nonzero().reshape(-1)
 
     def is_dense_state(self, key: str, value: Any) -> bool:
-        return key != "step" and torch.is_tensor(value) and value.shape == _local_tensor(self.param).shape
+        """A per-element state tensor of the parameter's shape (global shape for DTensors: a compact DTensor
+        state has ``compact_numel`` elements, fewer than the parameter)."""
+        return key != "step" and torch.is_tensor(value) and value.shape == self.param.shape
+
+    def _wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """A compact local tensor as the optimizer sees it: itself, or (FSDP2) this rank's shard of a 1-D
+        ``Shard(0)`` DTensor of ``compact_numel`` elements (no communication)."""
+        if self.mesh is None:
+            return local
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(
+            local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size([self.compact_numel]), stride=(1,)
+        )
 
     def compact_state(self, state: dict[str, Any]) -> None:
         """Replace every per-element state tensor of the parameter's shape by its trainable elements."""
         for key, value in state.items():
             if self.is_dense_state(key, value):
-                state[key] = _flat(value.contiguous()).index_select(0, self.index.to(value.device))
+                local = _local_tensor(value)
+                state[key] = self._wrap(_flat(local.contiguous()).index_select(0, self.index.to(local.device)))
 
     def expand_state(self, state: dict[str, Any]) -> None:
         """Inverse of `compact_state`: full-shape state, 0 at the frozen elements (ASGD's average of the
@@ -229,26 +250,39 @@ class _FrozenTensor:
         data = self.data()
         index = None
         for key, value in state.items():
-            if key == "step" or not torch.is_tensor(value) or value.ndim != 1 or value.shape == data.shape:
+            if key == "step" or not torch.is_tensor(value) or value.ndim != 1 or value.shape == self.param.shape:
                 continue
             index = self.kept_index() if index is None else index
+            value = _local_tensor(value)
             if value.numel() == index.numel():
                 full = data.detach().clone() if key == "ax" else torch.zeros_like(data, dtype=value.dtype)
                 _flat(full).index_put_((index.to(full.device),), value.to(full.device))
-                state[key] = full
+                state[key] = self._like_param(full)
+
+    def _like_param(self, local: torch.Tensor) -> torch.Tensor:
+        """A tensor of this rank's elements in the parameter's form (a DTensor shard like it, for FSDP2)."""
+        if self.mesh is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        param = self.param
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
 
     def gather(self) -> torch.Tensor:
         """A new 1-D tensor of the trainable values, with ``.grad`` the trainable gradient elements."""
         data = self.data()
-        compact = _flat(data).index_select(0, self.index)  # type: ignore[arg-type]  # compact state: set
+        compact = self._wrap(_flat(data).index_select(0, self.index))  # type: ignore[arg-type]  # compact state: set
         grad = self.param.grad
         if grad is not None:
-            compact.grad = grad.reshape(-1).index_select(0, self.index.to(grad.device))
+            grad = _local_tensor(grad)
+            compact.grad = self._wrap(grad.reshape(-1).index_select(0, self.index.to(grad.device)))
         return compact
 
     def scatter(self, compact: torch.Tensor) -> None:
         """Write the stepped trainable values back into the parameter."""
-        _flat(self.data()).index_put_((self.index,), compact)
+        _flat(self.data()).index_put_((self.index,), _local_tensor(compact))
 
     @property
     def nbytes(self) -> int:
@@ -327,6 +361,36 @@ def _local_mask(keep: torch.Tensor, layout: _Layout, local: torch.Tensor) -> tor
     if not layout.sharded:
         return keep
     return keep.reshape(-1)[layout.start : layout.start + layout.local_count].view(local.shape).clone()
+
+
+def _compact_mesh(param: torch.Tensor, local: torch.Tensor) -> Any | None:
+    """The device mesh of an FSDP2 parameter whose trainable elements can step as a compact 1-D ``Shard(0)``
+    DTensor (a 1-D mesh, ``Shard(0)``, contiguous local shard); None otherwise."""
+    mesh = getattr(param, "device_mesh", None)
+    placements = getattr(param, "placements", None)
+    if mesh is None or placements is None or mesh.ndim != 1 or not local.is_contiguous():
+        return None
+    from torch.distributed.tensor import Shard
+
+    return mesh if tuple(placements) == (Shard(0),) else None
+
+
+def _size_compact_dtensors(entries: list[_FrozenTensor]) -> None:
+    """Set each FSDP2 compact entry's global size, the sum of the ranks' trainable counts: one all-gather
+    per mesh, which every rank joins (the entries are the same, in the same order, on every rank)."""
+    by_mesh: dict[int, list[_FrozenTensor]] = {}
+    for entry in entries:
+        by_mesh.setdefault(id(entry.mesh), []).append(entry)
+    for group in by_mesh.values():
+        mesh = group[0].mesh
+        counts = torch.tensor([0 if e.fully_frozen else e.index.numel() for e in group], dtype=torch.int64)
+        device = mesh.device_type if mesh.device_type != "cpu" else "cpu"
+        counts = counts.to(device)
+        gathered = [torch.empty_like(counts) for _ in range(mesh.size())]
+        torch.distributed.all_gather(gathered, counts, group=mesh.get_group())
+        totals = torch.stack(gathered).sum(0).tolist()
+        for entry, total in zip(group, totals, strict=True):
+            entry.compact_numel = int(total)
 
 
 def _queue_after_backward(callback: Any) -> None:
@@ -507,23 +571,30 @@ class MaskFreezer:
                 continue  # fully trainable: nothing stored, no hooks
             layout = entry.layout
             data = _local_tensor(entry.param)
+            # Compact state on FSDP2 shards: every rank of a parameter with frozen elements takes part (its
+            # compact DTensor spans the ranks), also with no frozen (or no trainable) element locally.
+            sharded_compact = compact_optimizer_state and _compact_mesh(entry.param, data) is not None
+            fully_frozen = kept == 0
             if layout.sharded:
                 keep = _local_mask(keep, layout, data)
                 kept = int(keep.sum())
-                if kept == keep.numel():
+                if kept == keep.numel() and not sharded_compact:
                     continue  # no frozen element on this rank (e.g. an empty FSDP1 slice)
             with torch.no_grad():
                 bits = _bits(data.detach())
                 held = (data.dtype, tuple(data.shape))
-                # Sharded parameters keep the dense mechanism: FSDP2's optimizer steps DTensors (a plain compact
-                # tensor cannot join their foreach step), FSDP1's FSDP.optim_state_dict expects state shaped like
-                # each shard, ZeRO-3 steps DeepSpeed's flat fp32 partitions.
-                if compact_optimizer_state and layout.kind == "full" and kept == 0:
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, fully_frozen=True)
-                elif compact_optimizer_state and layout.kind == "full" and data.is_contiguous():
+                # Other sharded parameters keep the dense mechanism: FSDP1's FSDP.optim_state_dict expects state
+                # shaped like each shard, ZeRO-3 steps DeepSpeed's flat fp32 partitions.
+                if compact_optimizer_state and (layout.kind == "full" or sharded_compact) and fully_frozen:
+                    frozen_entry = _FrozenTensor(
+                        entry.name, entry.param, None, None, False, *held, layout, fully_frozen=True
+                    )
+                elif compact_optimizer_state and (layout.kind == "full" or sharded_compact) and data.is_contiguous():
                     index_dtype = torch.int32 if keep.numel() < 2**31 else torch.int64
                     index = keep.reshape(-1).nonzero().reshape(-1).to(device=data.device, dtype=index_dtype)
-                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, index=index)
+                    frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, layout, index=index)
+                    if sharded_compact:
+                        frozen_entry.mesh = _compact_mesh(entry.param, data)
                 elif kept == 0:
                     frozen_entry = _FrozenTensor(
                         entry.name, entry.param, None, bits.clone(), False, *held, layout, fully_frozen=True
@@ -535,6 +606,7 @@ class MaskFreezer:
                 if entry.param.grad is not None and layout.kind != "zero3":  # freezing between backward and step
                     frozen_entry.zero_frozen(entry.param.grad)
             self._entries[id(entry.param)] = frozen_entry
+        _size_compact_dtensors([e for e in self._entries.values() if e.mesh is not None])
         _refuse_sparse_gradients(model, self._entries)
         # Gradients. Unsharded parameters: autograd accumulates into them, a post-accumulate-grad hook masks
         # each gradient. FSDP2 / FSDP1: autograd accumulates into the unsharded parameters and the framework
@@ -762,7 +834,7 @@ class MaskFreezer:
                             entry.compact_state(param_state)
                         continue
                     if param_state:
-                        if entry.kind == "full":
+                        if entry.kind in ("full", "dtensor"):
                             entry.expand_state(param_state)  # a compact state from a checkpoint
                         entry.zero_state(param_state)
                     entry.make_dense(self._compact_storage)
@@ -840,7 +912,7 @@ class MaskFreezer:
                     entry.expand_state(param_state)
                 elif not param_state and entry.fully_frozen and template is not None:
                     optimizer.state[param] = {
-                        key: torch.zeros_like(_local_tensor(param), dtype=value.dtype)
+                        key: torch.zeros_like(param.detach(), dtype=value.dtype)
                         if torch.is_tensor(value) and key != "step" and value.ndim > 0
                         else (value.clone() if torch.is_tensor(value) else value)
                         for key, value in template.items()

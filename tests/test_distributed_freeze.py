@@ -82,8 +82,8 @@ def _batch(step: int) -> torch.Tensor:
 
 
 def _optimizer(kind: str, params) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if kind in ("adamw", "foreach"):  # foreach: the compact DTensors join the DTensor parameters' foreach step
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=kind == "foreach")
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
@@ -101,15 +101,18 @@ def _check_frozen(full: dict[str, torch.Tensor], initial: dict[str, torch.Tensor
     return {"frozen_ok": not moved_frozen, "moved_frozen": moved_frozen, "moved": moved}
 
 
-def _train(forward_backward, optimizer_step, clip, full_params, initial, mask) -> list[dict]:
+def _train(forward_backward, optimizer_step, clip, full_params, initial, mask, trace=None) -> list[dict]:
     """STEPS real steps (``forward_backward(ids)``, ``clip()``, ``optimizer_step()``); after each, the frozen
-    elements of the gathered weights."""
+    elements of the gathered weights (appended to ``trace`` when given)."""
     checks = []
     for step in range(STEPS):
         forward_backward(_batch(step))
         norm = clip() if clip is not None else None
         optimizer_step()
-        check = _check_frozen(full_params(), initial, mask)
+        full = full_params()
+        if trace is not None:
+            trace.append({n: t.clone() for n, t in full.items()})
+        check = _check_frozen(full, initial, mask)
         if norm is not None:
             check["norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         checks.append(check)
@@ -138,7 +141,9 @@ def single_process(kind: str) -> tuple[dict[str, torch.Tensor], list[dict], list
 
 
 # --- workers (run in the spawned processes) -------------------------------------------------------
-def _fsdp2(kind: str, rank: int, tmp: str, out: dict) -> None:
+def _fsdp2(kind: str, rank: int, tmp: str, out: dict, compact: bool = True) -> None:
+    """FSDP2 frozen run; compact optimizer state (the default) unless ``compact=False``. Rank 0 saves the
+    gathered weights after every step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -149,19 +154,28 @@ def _fsdp2(kind: str, rank: int, tmp: str, out: dict) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     mask = _mask()
-    freezer = MaskFreezer(model, mask)
+    freezer = MaskFreezer(model, mask, compact_optimizer_state=compact)
     optimizer = _optimizer(kind, model.parameters())
     freezer.attach(optimizer)
-    clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)) if kind == "adamw" else None
+    out["compact_optimizers"] = len(freezer.compact_optimizers)
+    clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)) if kind != "sgd" else None
     out["extra_bytes"], out["held_bytes"] = freezer.extra_bytes, _held_bytes(freezer)
 
     def full_params():
         return {n: p.full_tensor().detach() for n, p in model.named_parameters()}
 
-    out["steps"] = _train(_backward(model), _stepper(optimizer), clip, full_params, initial, mask)
+    trace: list = []
+    out["steps"] = _train(_backward(model), _stepper(optimizer), clip, full_params, initial, mask, trace)
+    out["optimizer_state_bytes"] = freezer.optimizer_state_bytes
     final = full_params()
     if rank == 0:
-        torch.save(final, os.path.join(tmp, f"fsdp2-{kind}.pt"))
+        name = "fsdp2" if compact else "fsdp2dense"
+        torch.save(final, os.path.join(tmp, f"{name}-{kind}.pt"))
+        torch.save(trace, os.path.join(tmp, f"{name}-{kind}-trace.pt"))
+
+
+def _fsdp2dense(kind: str, rank: int, tmp: str, out: dict) -> None:
+    _fsdp2(kind, rank, tmp, out, compact=False)
 
 
 def _fsdp1(kind: str, rank: int, tmp: str, out: dict) -> None:
@@ -240,6 +254,14 @@ def _fsdp2resume(kind: str, rank: int, tmp: str, out: dict) -> None:
     run(model, optimizer, session, range(1, 6), checks, saved)
     uninterrupted = full(model)
     out["source"], out["frozen_fraction"] = session.freeze_source, session.freezer.frozen_fraction
+    out["compact_optimizers"] = len(session.freezer.compact_optimizers)
+    # the checkpoint holds compact state: 1-D Shard(0) DTensors of the trainable elements (resume: same mask)
+    params = dict(model.named_parameters())
+    out["compact_saved"] = sorted(
+        name
+        for name, state in saved[1]["state"].items()
+        if isinstance(state.get("exp_avg"), torch.Tensor) and state["exp_avg"].shape != params[name].shape
+    )
     session.close()
 
     model, optimizer = build()
@@ -277,8 +299,14 @@ def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
 
 
 # --- tests ------------------------------------------------------------------------------------------
-SCENARIOS = ["fsdp2-adamw", "fsdp2-sgd", "fsdp1-adamw", "fsdp1-sgd", "fsdp2resume-adamw"]
-TORCH_RUNS = SCENARIOS[:4]
+TORCH_RUNS = ["fsdp2-adamw", "fsdp2-sgd", "fsdp1-adamw", "fsdp1-sgd"]
+COMPACT_VS_DENSE = ["adamw", "sgd", "foreach"]
+SCENARIOS = [
+    *TORCH_RUNS,
+    "fsdp2-foreach",
+    *(f"fsdp2dense-{kind}" for kind in COMPACT_VS_DENSE),
+    "fsdp2resume-adamw",
+]
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +363,30 @@ def test_fsdp2_discovered_freeze_resumes_from_a_checkpoint_bit_exactly(spawned):
         assert 0.1 < out["frozen_fraction"] < 0.9
         assert out["steps"] == [True] * 4 and out["resumed_steps"] == [True] * 2
         assert out["resumed_equal"] == []  # every tensor bit-identical to the uninterrupted run
+        # the partly frozen embedding (rows of tokens unseen at step 1) was saved and resumed with compact state
+        assert out["compact_optimizers"] == 1 and out["compact_saved"] == ["model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("kind", COMPACT_VS_DENSE)
+def test_fsdp2_compact_state_steps_bit_identical_to_dense_freezing(spawned, kind):
+    """Compact optimizer state on the local shards (a 1-D Shard(0) DTensor of each rank's trainable elements)
+    gives the gathered weights of dense sharded freezing bit for bit after every step, for less state."""
+    tmp, results = spawned
+    for rank in range(WORLD):
+        compact, dense = results[rank][f"fsdp2-{kind}"], results[rank][f"fsdp2dense-{kind}"]
+        assert "error" not in compact, compact["error"]
+        assert "error" not in dense, dense["error"]
+        assert (compact["compact_optimizers"], dense["compact_optimizers"]) == (1, 0)
+        assert all(check["frozen_ok"] for check in compact["steps"])
+        if kind != "sgd":  # the same clip norm: the subnetwork's, masked on the shards in both
+            assert [c["norm"] for c in compact["steps"]] == [c["norm"] for c in dense["steps"]]
+        assert compact["optimizer_state_bytes"] < 0.6 * dense["optimizer_state_bytes"], (compact, dense)
+    compact_trace = torch.load(os.path.join(tmp, f"fsdp2-{kind}-trace.pt"))
+    dense_trace = torch.load(os.path.join(tmp, f"fsdp2dense-{kind}-trace.pt"))
+    assert len(compact_trace) == len(dense_trace) == STEPS
+    for step, (got, want) in enumerate(zip(compact_trace, dense_trace, strict=True)):
+        for name, value in want.items():
+            assert _bits_equal(got[name], value), (step, name)
 
 
 def test_each_rank_stores_only_its_shard(spawned):
