@@ -265,7 +265,7 @@ class _FrozenTensor:
             return local
         from torch.distributed.tensor import DTensor
 
-        param = self.param
+        param: Any = self.param  # a DTensor parameter
         return DTensor.from_local(
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
@@ -471,14 +471,16 @@ class MaskFreezer:
 
     Compact optimizer state (``compact_optimizer_state=True``, default, for the elementwise ``torch.optim``
     optimizers SGD, Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad, Adamax, Adadelta, Rprop, ASGD, for-loop,
-    ``foreach`` and, off the CPU, ``fused``; unsharded parameters): fully frozen tensors leave the step (no
-    state, no work); for a partly frozen tensor the optimizer steps a 1-D tensor of its trainable elements,
-    gathered with their gradients right before the step and scattered back right after it, so its state
-    holds only those elements. The optimizer's ``param_groups`` hold the model's own parameters at every other moment
-    (clipping through the optimizer, ``zero_grad``, LR schedulers, ``state_dict`` all see them); the state
-    stays keyed by the model's parameter, so ``state_dict()`` / ``load_state_dict()`` round-trip (a state
-    saved by either mechanism loads into either; it is converted at `attach` or the next step). Nothing
-    else moves a frozen element, so no values are stored: per partly frozen tensor 4 bytes per trainable
+    ``foreach`` and, off the CPU, ``fused``; unsharded parameters and FSDP2 ``Shard(0)`` shards on a 1-D mesh,
+    where the compact tensor is a 1-D ``Shard(0)`` DTensor of each rank's trainable elements and the saved
+    ``state_dict`` is expanded to the parameter's shape for distributed checkpointing): fully frozen tensors
+    leave the step (no state, no work); for a partly frozen tensor the optimizer steps a 1-D tensor of its
+    trainable elements, gathered with their gradients right before the step and scattered back right after it,
+    so its state holds only those elements. The optimizer's ``param_groups`` hold the model's own parameters at
+    every other moment (clipping through the optimizer, ``zero_grad``, LR schedulers, ``state_dict`` all see
+    them); the state stays keyed by the model's parameter, so ``state_dict()`` / ``load_state_dict()``
+    round-trip (a state saved by either mechanism loads into either; it is converted at `attach` or the next
+    step). Nothing else moves a frozen element, so no values are stored: per partly frozen tensor 4 bytes per trainable
     element (the index), 0 for fully frozen ones. With ``stop_gradients=True`` fully frozen tensors also get
     ``requires_grad=False`` (no backward work, no gradient memory; restored by `detach`) unless that is
     unsafe (multi-process runs, gradient checkpointing). That drops their zero gradients from
@@ -486,7 +488,8 @@ class MaskFreezer:
     adapters turn it on only when the trainer does not clip by norm.
 
     Dense (``compact_optimizer_state=False``; any other optimizer: Adafactor, Muon, LBFGS, ``fused=True`` on
-    the CPU, unknown classes, with a one-line note saying why; sharded parameters: FSDP2, FSDP1, ZeRO-3): the
+    the CPU, unknown classes, with a one-line note saying why; FSDP1 shards, whose ``FSDP.optim_state_dict``
+    expects state shaped like each shard; ZeRO-3, whose partitioned optimizer steps flat fp32 partitions): the
     optimizer keeps full state and steps every element; `attach` zeroes the state of frozen elements and a
     step post-hook restores them from a stored copy (weight decay, momentum and ``eps`` terms cannot move
     them). Extra memory per element:
@@ -843,6 +846,8 @@ class MaskFreezer:
         handles = [inner.register_step_post_hook(self._step_hook)]
         if compact:
             handles.append(inner.register_step_pre_hook(self._pre_step_hook))
+            if any(e.kind == "dtensor" and not e.dense for e in self._entries.values()):
+                handles.append(inner.register_state_dict_post_hook(self._save_sharded_state_full))
             self._compact_optimizers.add(id(inner))
         self._step_handles[id(inner)] = handles
         self._optimizers[id(inner)] = inner
@@ -907,16 +912,28 @@ class MaskFreezer:
                 entry = self._entries.get(id(param))
                 if entry is None or entry.dense:
                     continue
-                param_state = optimizer.state.get(param)
-                if param_state:
-                    entry.expand_state(param_state)
-                elif not param_state and entry.fully_frozen and template is not None:
-                    optimizer.state[param] = {
-                        key: torch.zeros_like(param.detach(), dtype=value.dtype)
-                        if torch.is_tensor(value) and key != "step" and value.ndim > 0
-                        else (value.clone() if torch.is_tensor(value) else value)
-                        for key, value in template.items()
-                    }
+                full = _full_state(entry, optimizer.state.get(param), template)
+                if full is not None:
+                    optimizer.state[param] = full
+
+    def _save_sharded_state_full(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        """``state_dict`` post-hook (FSDP2 compact state): distributed checkpointing loads state into tensors
+        shaped like each parameter (Lightning's and accelerate's resume), so the saved state of the compact
+        DTensor entries is expanded to the parameter's shape (0 at the frozen elements, as dense freezing
+        holds it; a zero state for fully frozen ones). New tensors in new dicts: the optimizer stays compact.
+        It loads into either mechanism, any mask and world size; the cost is one full state at save time."""
+        saved = state_dict["state"]
+        index = 0
+        for group in optimizer.param_groups:
+            params = group["params"]
+            template = next((saved[index + i] for i in range(len(params)) if saved.get(index + i)), None)
+            for i, param in enumerate(params):
+                entry = self._entries.get(id(param))
+                if entry is not None and entry.kind == "dtensor" and not entry.dense:
+                    full = _full_state(entry, saved.get(index + i), template)
+                    if full is not None:
+                        saved[index + i] = full
+            index += len(params)
 
     @property
     def extra_bytes(self) -> int:
@@ -949,6 +966,24 @@ class MaskFreezer:
             f"{self.frozen_fraction:.4f}, extra_bytes={self.extra_bytes:,}, "
             f"compact optimizers={len(self._compact_optimizers)}/{len(self._optimizers)})"
         )
+
+
+def _full_state(entry: _FrozenTensor, state: dict | None, template: dict | None) -> dict | None:
+    """A new state dict for ``entry``'s parameter in the parameter's shape: ``state`` expanded (see
+    `_FrozenTensor.expand_state`), or for a fully frozen tensor without state a zero state modelled on a
+    sibling's ``template``; None when there is nothing to expand."""
+    if state:
+        full = dict(state)
+        entry.expand_state(full)
+        return full
+    if entry.fully_frozen and template is not None:
+        return {
+            key: torch.zeros_like(entry.param.detach(), dtype=value.dtype)
+            if torch.is_tensor(value) and key != "step" and value.ndim > 0
+            else (value.clone() if torch.is_tensor(value) else value)
+            for key, value in template.items()
+        }
+    return None
 
 
 def _handles(handles: Any) -> list[Any]:

@@ -256,12 +256,11 @@ def _fsdp2resume(kind: str, rank: int, tmp: str, out: dict) -> None:
     out["source"], out["frozen_fraction"] = session.freeze_source, session.freezer.frozen_fraction
     out["compact_optimizers"] = len(session.freezer.compact_optimizers)
     # the checkpoint holds compact state: 1-D Shard(0) DTensors of the trainable elements (resume: same mask)
+    # the optimizer holds compact state (a 1-D Shard(0) DTensor of the trainable elements), its state_dict the
+    # parameter's shape (0 at the frozen elements), as distributed checkpointing loads it
     params = dict(model.named_parameters())
-    out["compact_saved"] = sorted(
-        name
-        for name, state in saved[1]["state"].items()
-        if isinstance(state.get("exp_avg"), torch.Tensor) and state["exp_avg"].shape != params[name].shape
-    )
+    out["live_compact"] = sorted(name for name, p in params.items() if optimizer.state[p]["exp_avg"].shape != p.shape)
+    out["saved_shapes_ok"] = all(s["exp_avg"].shape == params[n].shape for n, s in saved[1]["state"].items())
     session.close()
 
     model, optimizer = build()
@@ -364,7 +363,8 @@ def test_fsdp2_discovered_freeze_resumes_from_a_checkpoint_bit_exactly(spawned):
         assert out["steps"] == [True] * 4 and out["resumed_steps"] == [True] * 2
         assert out["resumed_equal"] == []  # every tensor bit-identical to the uninterrupted run
         # the partly frozen embedding (rows of tokens unseen at step 1) was saved and resumed with compact state
-        assert out["compact_optimizers"] == 1 and out["compact_saved"] == ["model.embed_tokens.weight"]
+        assert out["compact_optimizers"] == 1 and out["live_compact"] == ["model.embed_tokens.weight"]
+        assert out["saved_shapes_ok"]
 
 
 @pytest.mark.parametrize("kind", COMPACT_VS_DENSE)
