@@ -363,12 +363,13 @@ def _local_mask(keep: torch.Tensor, layout: _Layout, local: torch.Tensor) -> tor
     return keep.reshape(-1)[layout.start : layout.start + layout.local_count].view(local.shape).clone()
 
 
-def _compact_mesh(param: torch.Tensor, local: torch.Tensor) -> Any | None:
+def _compact_mesh(param: torch.Tensor) -> Any | None:
     """The device mesh of an FSDP2 parameter whose trainable elements can step as a compact 1-D ``Shard(0)``
-    DTensor (a 1-D mesh, ``Shard(0)``, contiguous local shard); None otherwise."""
+    DTensor (a 1-D mesh, ``Shard(0)``; its local shard, whole rows, is contiguous); None otherwise. Decided
+    from the parameter's spec alone, the same on every rank (the compact entries join a collective)."""
     mesh = getattr(param, "device_mesh", None)
     placements = getattr(param, "placements", None)
-    if mesh is None or placements is None or mesh.ndim != 1 or not local.is_contiguous():
+    if mesh is None or placements is None or mesh.ndim != 1:
         return None
     from torch.distributed.tensor import Shard
 
@@ -576,7 +577,7 @@ class MaskFreezer:
             data = _local_tensor(entry.param)
             # Compact state on FSDP2 shards: every rank of a parameter with frozen elements takes part (its
             # compact DTensor spans the ranks), also with no frozen (or no trainable) element locally.
-            sharded_compact = compact_optimizer_state and _compact_mesh(entry.param, data) is not None
+            sharded_compact = compact_optimizer_state and _compact_mesh(entry.param) is not None
             fully_frozen = kept == 0
             if layout.sharded:
                 keep = _local_mask(keep, layout, data)
@@ -592,12 +593,12 @@ class MaskFreezer:
                     frozen_entry = _FrozenTensor(
                         entry.name, entry.param, None, None, False, *held, layout, fully_frozen=True
                     )
-                elif compact_optimizer_state and (layout.kind == "full" or sharded_compact) and data.is_contiguous():
+                elif sharded_compact or (compact_optimizer_state and layout.kind == "full" and data.is_contiguous()):
                     index_dtype = torch.int32 if keep.numel() < 2**31 else torch.int64
                     index = keep.reshape(-1).nonzero().reshape(-1).to(device=data.device, dtype=index_dtype)
                     frozen_entry = _FrozenTensor(entry.name, entry.param, None, None, False, *held, layout, index=index)
                     if sharded_compact:
-                        frozen_entry.mesh = _compact_mesh(entry.param, data)
+                        frozen_entry.mesh = _compact_mesh(entry.param)
                 elif kept == 0:
                     frozen_entry = _FrozenTensor(
                         entry.name, entry.param, None, bits.clone(), False, *held, layout, fully_frozen=True
