@@ -36,6 +36,7 @@ STEPS = 3
 CLIP = 0.5  # below the gradient norm: clipping is active
 FULLY_FROZEN = "model.norm.weight"
 FULLY_TRAINABLE = "model.layers.1.mlp.down_proj.weight"
+SPLIT = "model.layers.0.self_attn.q_proj.weight"
 
 
 def _free_port() -> int:
@@ -74,6 +75,9 @@ def _mask() -> Mask:
         tensors[name] = torch.rand(param.shape, generator=generator) < 0.3
     tensors[FULLY_FROZEN] = torch.zeros_like(tensors[FULLY_FROZEN])
     tensors[FULLY_TRAINABLE] = torch.ones_like(tensors[FULLY_TRAINABLE])
+    # rank 0's shard fully frozen, rank 1's fully trainable (an empty / a full compact shard under FSDP2)
+    half = tensors[SPLIT].shape[0] // 2
+    tensors[SPLIT][:half], tensors[SPLIT][half:] = False, True
     return Mask(tensors)
 
 
