@@ -222,7 +222,9 @@ class _KernelRunner:
         cost = _measured_compile_seconds[-1] if _measured_compile_seconds else _COMPILE_SECONDS_ESTIMATE
         if self.eager_seconds < cost:
             return
-        self._thread = threading.Thread(target=self._compile, args=(warm_up,), name="sparsity-compile", daemon=True)
+        # Not a daemon: the interpreter waits for it at exit. A daemon thread still inside inductor's C++
+        # when Python finalises aborts the process ("terminate called without an active exception").
+        self._thread = threading.Thread(target=self._compile, args=(warm_up,), name="sparsity-compile", daemon=False)
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:

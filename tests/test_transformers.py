@@ -647,7 +647,9 @@ def test_train_end_wait_is_bounded_when_mlflow_is_down_from_the_start(tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     monkeypatch.chdir(tmp_path)  # the fallback file lands here
     before, after = _Clock(), _Clock()
-    callback = SparsityCallback(mlflow_end_timeout_s=3.0, log_artifacts=False)  # time the MLflow wait, not plots
+    # Time the MLflow wait, not plots. No background compilation: torch.compile enters and leaves
+    # warnings.catch_warnings on its thread, which is not thread-safe and can undo the recording below.
+    callback = SparsityCallback(mlflow_end_timeout_s=3.0, log_artifacts=False, compile=False)
     args = _args(tmp_path / "out", max_steps=3)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
