@@ -6,6 +6,7 @@ kept by the test, compared with ``!=``), and every MLflow value is read back wit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -647,17 +648,18 @@ def test_train_end_wait_is_bounded_when_mlflow_is_down_from_the_start(tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     monkeypatch.chdir(tmp_path)  # the fallback file lands here
     before, after = _Clock(), _Clock()
-    # Time the MLflow wait, not plots. No background compilation: torch.compile enters and leaves
-    # warnings.catch_warnings on its thread, which is not thread-safe and can undo the recording below.
-    callback = SparsityCallback(mlflow_end_timeout_s=3.0, log_artifacts=False, compile=False)
+    callback = SparsityCallback(mlflow_end_timeout_s=3.0, log_artifacts=False)  # time the MLflow wait, not plots
     args = _args(tmp_path / "out", max_steps=3)
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[before, callback, after]).train()
+    Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[before, callback, after]).train()
     # the server is refused at once: one failed attempt ends the wait, below the 3 s bound (+2 s for a busy machine)
     assert after.at_end - before.at_end < 3.0 + 2.0, after.at_end - before.at_end
-    assert any("unreachable" in str(w.message) for w in records), [str(w.message)[:80] for w in records]
-    assert len(list(tmp_path.glob("sparsity_mlflow_fallback_*.jsonl"))) == 1
+    # Nothing is lost: every measured value is in the fallback file. (The "unreachable" warning itself is
+    # asserted in test_mlflow_sink.py: here, threads left by earlier tests -- inductor's compile workers, other
+    # sinks' workers -- may leave warnings.catch_warnings and so undo a recording made on this thread.)
+    (fallback,) = tmp_path.glob("sparsity_mlflow_fallback_*.jsonl")
+    records = [json.loads(line) for line in fallback.read_text().splitlines()[1:]]
+    logged = {row[0] for r in records if r["type"] == "metrics" for row in r["metrics"]}
+    assert "sparsity/changed_fraction" in logged, sorted(logged)
 
 
 _KILLED_TRAINING = """
