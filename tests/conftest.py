@@ -171,6 +171,18 @@ def _mlflow_pointed_at(uri: str, monkeypatch, tmp_path, env: dict[str, str] | No
 
 
 @pytest.fixture
+def mlflow_dead_server(tmp_path, monkeypatch):
+    """An ``http://127.0.0.1:<port>`` tracking URI where nothing listens, set as MLflow's current one (the
+    working directory is ``tmp_path``); the previous tracking URI, experiment and active runs are restored.
+    Set through MLflow, not only ``MLFLOW_TRACKING_URI``: a URI set earlier in the process overrides the variable."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with _mlflow_pointed_at(dead, monkeypatch, tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture
 def mlflow_local(tmp_path, monkeypatch, mlflow_sqlite_template):
     """A fresh local ``sqlite:///.../mlflow.db`` tracking URI, set as MLflow's current one (the working
     directory is ``tmp_path``); the previous tracking URI, experiment and active runs are restored."""
