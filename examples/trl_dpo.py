@@ -15,47 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 
-import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
-from sparsity_callbacks import SparsityCallback
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models import TINY_WORDS as N_WORDS  # noqa: E402  (the examples' shared tiny model, next to this file)
+from _models import tiny_model, tiny_tokenizer  # noqa: E402
 
-N_WORDS = 60
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``w0 .. w59`` and four special tokens, built in code (no download)."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i + 4 for i in range(N_WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-
-
-def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """A 4-layer Llama-style causal LM (~0.2 M parameters) with random weights."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
+from sparsity_callbacks import SparsityCallback  # noqa: E402
 
 
 def preference_pairs(n: int = 256, seed: int = 0) -> Dataset:
@@ -71,9 +41,9 @@ def preference_pairs(n: int = 256, seed: int = 0) -> Dataset:
 
 
 def main(max_steps: int = 40, learning_rate: float = 5e-6, output_dir: str | None = None) -> SparsityCallback:
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer)
-    ref_model = make_model(tokenizer)  # the same weights (same seed): the frozen DPO reference policy
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    ref_model = tiny_model(tokenizer)  # the same weights (same seed): the frozen DPO reference policy
     args = DPOConfig(
         output_dir=output_dir or tempfile.mkdtemp(prefix="trl_dpo_"),
         max_steps=max_steps,

@@ -34,12 +34,10 @@ import time
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _models import load_model  # noqa: E402  (the examples' shared loader, next to this file)
+from _models import load_model, tiny_model, tiny_tokenizer  # noqa: E402  (the examples' shared loaders)
 
 from sparsity_callbacks import SparsityCallback  # noqa: E402
 
@@ -98,36 +96,6 @@ def round_to_bf16_(model: torch.nn.Module) -> None:
 # --- the tiny built-in model (tests, quick looks) -------------------------------------------------------
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``w0 .. w59`` and four special tokens, built in code (no download)."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i + 4 for i in range(60)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-
-
-def make_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A 4-layer Llama-style causal LM (~0.2 M parameters) with random weights."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
 def target_word_reward(completions: list[str], **kwargs) -> list[float]:
     """Tiny model's verifiable reward in [0, 1]: the fraction of completion words equal to ``TARGET``."""
     rewards = []
@@ -161,8 +129,8 @@ def main(
     """
     started = time.perf_counter()
     if tiny:
-        tokenizer = make_tokenizer()
-        policy = make_model(tokenizer)
+        tokenizer = tiny_tokenizer()
+        policy = tiny_model(tokenizer)
         dataset = Dataset.from_dict({"prompt": [" ".join(f"w{(5 * i + j) % 60}" for j in range(6)) for i in range(64)]})
         reward_funcs = [target_word_reward]
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -170,9 +171,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             signature=info["signature"],
             native=None if native is None else native.to(device),
         )
-    if not all(s.native is not None for s in states.values()):
-        for s in states.values():
-            s.native = None
+    _drop_incomplete_native(tracker, states)
     tracker._states = states
     tracker.reference_representable_fraction = meta.get("reference_representable_fraction")
     tracker.mode_reason = meta["mode_reason"] + " (restored)"
@@ -187,6 +186,31 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
                 s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[tracker.config.fingerprint_bits], device=s.ever.device
             )
         tracker._has_previous = False
+
+
+def _drop_incomplete_native(tracker: SparsityTracker, states: dict[str, _TensorState]) -> None:
+    """Keep the own-dtype fingerprints only when every tensor has them; otherwise drop them all, with a
+    one-time note when this config would report ``sparsity/changed_fraction_native``.
+
+    A state saved before the native fingerprints existed (or with other fingerprint bits) cannot have them
+    rebuilt exactly: it keeps the reference only in ``compare_dtype`` (values or fingerprints), and the
+    own-dtype values it was rounded from are gone. So the run continues with every other figure and
+    without the native one, rather than report a native figure against the wrong reference."""
+    if all(s.native is not None for s in states.values()):
+        return
+    for s in states.values():
+        s.native = None
+    wanted = any(tracker._compare_dtype(t) != t.local().dtype for t in tracker._tracked)
+    if wanted and "native_missing" not in tracker._warned:
+        tracker._warned.add("native_missing")
+        warnings.warn(
+            "The tracker state was saved without the fingerprints of the weights in their own dtype (by a "
+            "version before sparsity/changed_fraction_native existed, or with other fingerprint_bits): this "
+            "run continues with every other sparsity figure but without sparsity/changed_fraction_native. "
+            "It cannot be rebuilt: the state keeps the reference only in compare_dtype. HINT: to get it, "
+            "start a new tracker with snapshot() from the base weights.",
+            stacklevel=4,
+        )
 
 
 def _save(tracker: SparsityTracker, path: str | os.PathLike) -> None:

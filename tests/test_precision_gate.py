@@ -144,3 +144,65 @@ def test_trainer_run_logs_the_representable_fraction_param_and_the_native_metric
     bf16 = {m.step: m.value for m in client.get_metric_history(callback.run_id, "sparsity/changed_fraction")}
     assert sorted(native) == sorted(bf16) == [1, 2, 3]
     assert all(native[s] >= bf16[s] for s in native) and native[3] > 0.5
+
+
+def _without_native(path) -> None:
+    """Rewrite a tracker state file as a version before the native fingerprints wrote it (no ``native/`` keys)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("native/")}
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fingerprint"])
+def test_resume_from_a_state_without_native_fingerprints_continues_without_the_native_figure(mode, tmp_path):
+    """A state saved before sparsity/changed_fraction_native existed: every other figure continues exactly, the
+    native one is absent (not rebuilt: the state holds the reference only in bf16), with one note per tracker."""
+    model = _model()
+    _round_to_bf16(model)
+    tracker = SparsityTracker(model, compare_dtype="bfloat16", mode=mode)
+    tracker.snapshot()
+    with torch.no_grad():
+        w = model.weight.view(-1)
+        w[:300] = _next_bf16_up(w[:300])
+    tracker.measure(1)
+    path = tmp_path / "old_state.safetensors"
+    tracker.save(path)
+    _without_native(path)
+
+    resumed = SparsityTracker(model, compare_dtype="bfloat16", mode=mode)
+    with pytest.warns(UserWarning, match=r"without sparsity/changed_fraction_native\. It cannot be rebuilt"):
+        resumed.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per tracker: neither a second load nor the measurements note again
+        resumed.load(path)
+        with torch.no_grad():
+            w[300:500] = _next_bf16_up(w[300:500])
+        m = resumed.measure(2)
+    assert m.changed == 500 and m.ever_changed == 500 and m.changed_native is None
+    assert "sparsity/changed_fraction_native" not in m.to_metrics()
+    assert m.to_metrics()["sparsity/changed_fraction"] == 500 / 4000
+    # a fresh state of the same version still carries them: the note is only for old files
+    fresh = SparsityTracker(model, compare_dtype="bfloat16", mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(tracker.state_dict())
+    assert fresh.measure(2).changed_native == 500
+
+
+def test_resume_without_native_fingerprints_is_silent_when_no_native_figure_is_reported(tmp_path):
+    """Without a compare dtype there is no native figure, so an old state file resumes without a note."""
+    model = _model()
+    tracker = SparsityTracker(model, mode="exact")
+    tracker.snapshot()
+    path = tmp_path / "state.safetensors"
+    tracker.save(path)
+    _without_native(path)
+    resumed = SparsityTracker(model, mode="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load(path)
+    assert resumed.measure(1).changed == 0
