@@ -10,12 +10,14 @@ training thread) and ``time.process_time`` (all threads: the MLflow sink's worke
 MLflow sqlite store (created before timing):
 
 * one training step (forward, backward, AdamW step);
-* ``start`` (snapshot + opening the MLflow run), one ``measure`` + logging, ``end`` (final measurement
-  skipped when the last step was measured, mask, report and plots as artifacts, flush), and the CPU time
-  the other threads used over the whole session.
+* ``start`` (snapshot + opening the MLflow run), one ``measure`` + logging (and, inside it, the
+  ``tracker.measure()`` kernel alone), one step that does not measure (the callback's cost on the other
+  steps), ``end`` (final measurement skipped when the last step was measured, mask, report and plots as
+  artifacts, flush; also its wall time, which includes waiting for MLflow), and the CPU time the other
+  threads used over the whole session (the MLflow sink's worker, the plots' warm-up).
 
 The estimated overhead of a run of ``--steps`` steps measured every ``--every`` steps is
-(start + steps/every x measure + end + other threads) / (steps x step).
+(start + steps/every x measure + the other steps x quiet step + end + other threads) / (steps x step).
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ def _median(fn, repeats: int) -> float:
         fn()
         samples.append(time.thread_time() - start)
     return statistics.median(samples)
+
+
+def _timed(fn, samples: list[float]):
+    """``fn`` that appends the CPU time of each call to ``samples``."""
+
+    def timed(*args, **kwargs):
+        began = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            samples.append(time.thread_time() - began)
+
+    return timed
 
 
 def main() -> None:
@@ -77,31 +92,55 @@ def main() -> None:
     train_step()
     step = _median(train_step, args.repeats)
 
-    phases: dict[str, list[float]] = {"start": [], "measure": [], "end": [], "other threads": []}
+    phases: dict[str, list[float]] = {
+        "start": [],
+        "measure": [],
+        "tracker.measure": [],
+        "quiet step": [],
+        "end": [],
+        "end (wall)": [],
+        "other threads": [],
+    }
     for repeat in range(args.repeats + 1):  # the first: imports and the MLflow store, not timed
         session = _SparsitySession(SparsityConfig(), is_rank_zero=True, default_every_n_steps=args.every)
         process, thread = time.process_time(), time.thread_time()
         t = time.thread_time()
         session.start(model, [optimizer], 0)
         start = time.thread_time() - t
-        measures = []
+        kernel: list[float] = []
+        session.tracker.measure = _timed(session.tracker.measure, kernel)
+        measures, quiet = [], []
         for i in range(1, 6):
             train_step()
+            if args.every > 1:  # the steps between two measurements: an integer compare each
+                for quiet_step in range(args.every * (i - 1) + 1, args.every * i):
+                    t = time.thread_time()
+                    session.on_optimizer_step(quiet_step)
+                    quiet.append(time.thread_time() - t)
             t = time.thread_time()
             session.on_optimizer_step(args.every * i)
             measures.append(time.thread_time() - t)
-        t = time.thread_time()
+        t, wall = time.thread_time(), time.perf_counter()
         session.end(args.every * 5)
-        end = time.thread_time() - t
+        end, end_wall = time.thread_time() - t, time.perf_counter() - wall
         others = (time.process_time() - process) - (time.thread_time() - thread)
         if repeat:
             phases["start"].append(start)
             phases["measure"].append(statistics.median(measures[1:]))  # the first has no churn yet
+            phases["tracker.measure"].append(statistics.median(kernel[1:]))
+            phases["quiet step"].append(statistics.median(quiet) if quiet else 0.0)
             phases["end"].append(end)
+            phases["end (wall)"].append(end_wall)
             phases["other threads"].append(max(0.0, others))
     median = {k: statistics.median(v) for k, v in phases.items()}
     measurements = args.steps // args.every
-    extra = median["start"] + measurements * median["measure"] + median["end"] + median["other threads"]
+    extra = (
+        median["start"]
+        + measurements * median["measure"]
+        + (args.steps - measurements) * median["quiet step"]
+        + median["end"]
+        + median["other threads"]
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{platform.machine()}, {os.cpu_count()} cores (1 intra-op thread), torch {torch.__version__}, load average "
@@ -110,7 +149,7 @@ def main() -> None:
     )
     print(f"training step: {step * 1e3:.1f} ms")
     for key, value in median.items():
-        print(f"{key:>14}: {value * 1e3:8.1f} ms")
+        print(f"{key:>15}: {value * 1e3:9.3f} ms")
     print(
         f"estimated overhead of {args.steps} steps measured every {args.every}: {extra:.2f} s CPU on "
         f"{args.steps * step:.1f} s of training = {extra / (args.steps * step):+.1%}; measuring every step: "

@@ -3,6 +3,7 @@ totals, fractions, fingerprint-miss corrections and groups per layer and module 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -100,8 +101,9 @@ class Measurement:
     native_miss_probability: float = 0.0
 
     # --- totals ----------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def total(self) -> TensorCounts:
+        """The counts summed over `tensors` (computed once: every figure below reads it)."""
         return _sum(self.tensors.values())
 
     @property

@@ -55,6 +55,31 @@ def _agg_figure(width_in: float, height_in: float):
     return figure
 
 
+_warmed_up = False
+
+
+def _warm_up() -> None:
+    """Import matplotlib and render a tiny figure (fonts, colormap, PNG encoder), so that the first real
+    plot costs only its own drawing: about 0.5 s of one-time work on a cold process, which the session
+    runs on a background thread while training runs; once per process. Never raises (a plot that fails
+    later says why)."""
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
+    try:
+        import io
+
+        figure = _agg_figure(1.0, 1.0)
+        axes = figure.add_subplot(1, 1, 1)
+        axes.imshow([[0.0]], cmap="viridis", vmin=0.0, vmax=1.0)
+        axes.set_title("warm-up")
+        axes.text(0, 0, "0.0", fontsize=8)
+        figure.savefig(io.BytesIO(), format="png")
+    except Exception:
+        pass
+
+
 def save_heatmap(cells: Mapping[tuple[int | None, str], float], path: str, title: str = "") -> None:
     """Write a PNG heatmap of changed fractions to ``path``.
 

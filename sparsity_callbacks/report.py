@@ -25,6 +25,20 @@ HEADLINE_KEYS = (
 )
 
 
+def _headline(m: Measurement) -> dict[str, float]:
+    """The `HEADLINE_KEYS` figures of ``m`` (fractions in [0, 1]; churn only when ``m.has_churn``), the same
+    values as in `_metrics`, without the per-layer and per-module breakdown: what a trainer's log line
+    needs on the training thread."""
+    metrics = {
+        f"{PREFIX}changed_fraction": m.changed_fraction,
+        f"{PREFIX}ever_changed_fraction": m.ever_changed_fraction,
+    }
+    if m.has_churn:
+        metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
+    metrics[f"{PREFIX}update_sparsity"] = m.update_sparsity
+    return metrics
+
+
 def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
     """The flat ``sparsity/...`` metric dict of ``m`` (fractions in [0, 1]), in three MLflow chart groups:
     the headline keys ``sparsity/<figure>``, ``sparsity/changed_fraction_by_layer/layer_<i>`` (``i``
@@ -33,13 +47,7 @@ def _metrics(m: Measurement, per_tensor: bool = False) -> dict[str, float]:
     ``sparsity/changed_fraction_by_tensor/<parameter name>``. The number of tracked elements is a
     constant, logged as the param ``sparsity.tracked_elements``, not here."""
     p = m.changed_miss_probability
-    metrics = {
-        f"{PREFIX}changed_fraction": m.changed_fraction,
-        f"{PREFIX}ever_changed_fraction": m.ever_changed_fraction,
-        f"{PREFIX}update_sparsity": m.update_sparsity,
-    }
-    if m.has_churn:
-        metrics[f"{PREFIX}churn_fraction"] = m.churn_fraction
+    metrics = _headline(m)
     if m.step_changed is not None:
         metrics[f"{PREFIX}step_changed_fraction"] = m.step_changed_fraction  # type: ignore[assignment]
         metrics[f"{PREFIX}step_delta_bytes"] = float(m.step_delta_bytes)  # type: ignore[arg-type]

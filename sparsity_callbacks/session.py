@@ -7,11 +7,15 @@ An adapter maps its framework's events onto these calls:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -190,8 +194,11 @@ class _SparsitySession:
         self._extra_params = dict(extra_params or {})
         self._clips_grad_norm = clips_grad_norm
         self._state_bytes_pending = False
+        #: `on_optimizer_step` of a step below this, after the previous one, has nothing to do (`_plan`).
+        self._quiet_until = 0
         self.sink: MLflowSink | None = None
         self.logged_run_id: str | None = None  # the run the sink logged into, set when it closes
+        self._plots_warm_up: threading.Thread | None = None
 
     # --- events ----------------------------------------------------------------------------------
     def start(self, model: torch.nn.Module, optimizers: list[Any], step: int, resume_dir: str | None = None) -> None:
@@ -217,13 +224,20 @@ class _SparsitySession:
         self._last_step = step
         self._open_sink(_saved_run(resume_dir) if self.is_rank_zero else None)
         self._start_freeze(resume_dir)
+        self._plan(step)
 
     def on_optimizer_step(self, step: int, *, last: bool = False) -> Measurement | None:
         """After optimizer step number ``step`` (1-based global step): measure on schedule (when ``step``
         reached or passed a multiple of ``every_n_steps`` since the previous call: frameworks whose step
         counter advances by more than one, e.g. Lightning's manual optimization with several optimizers),
         and at the ``last`` step of training (so the final figures reach the trainer's log line, and `end`
-        need not measure again); discover and apply the freeze mask at ``freeze_after_steps``."""
+        need not measure again); discover and apply the freeze mask at ``freeze_after_steps``.
+
+        A step with nothing to do costs two integer compares (the trainer calls this after every step)."""
+        previous = self._last_step
+        if previous is not None and previous < step < self._quiet_until and not last:
+            self._last_step = step
+            return None
         if self.tracker is None:
             return None
         discover = (
@@ -233,7 +247,7 @@ class _SparsitySession:
         )
         if self._state_bytes_pending:  # the optimizer state created by the first step after freezing
             self._log_state_bytes(step)
-        previous, self._last_step = self._last_step, step
+        self._last_step = step
         n = self.every_n_steps
         due = step // n > previous // n if previous is not None and previous < step else step % n == 0
         measurement = None
@@ -241,7 +255,18 @@ class _SparsitySession:
             measurement = self._measure(step)
         if discover:
             self._freeze(self._resolve_mask(), source=f"discover@{step}", step=step)
+        self._plan(step)
         return measurement
+
+    def _plan(self, step: int) -> None:
+        """Set `_quiet_until` after step ``step``: the next multiple of ``every_n_steps``, or earlier when the
+        freeze mask is still to be discovered or the optimizer state bytes are still to be logged."""
+        quiet_until = (step // self.every_n_steps + 1) * self.every_n_steps
+        if self.config.freeze_mask == "discover" and self.freezer is None:
+            quiet_until = min(quiet_until, self.config.freeze_after_steps or 0)
+        if self._state_bytes_pending:
+            quiet_until = step + 1
+        self._quiet_until = quiet_until
 
     def save(self, directory: str) -> None:
         """Write the tracker state (and the freeze mask) into a checkpoint folder."""
@@ -291,10 +316,12 @@ class _SparsitySession:
     def _measure(self, step: int) -> Measurement:
         measurement = self.tracker.measure(step)
         self.last_measurement = measurement
-        self._log_metrics(measurement.to_metrics(per_tensor=self.config.per_tensor_metrics), step)
+        # The metric dict (per layer, per module type) is built on the sink's worker thread: a Measurement
+        # never changes, so the training thread pays only the queue put.
+        self._log_metrics(functools.partial(measurement.to_metrics, per_tensor=self.config.per_tensor_metrics), step)
         return measurement
 
-    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _log_metrics(self, metrics: dict[str, float] | Callable[[], dict[str, float]], step: int) -> None:
         if self.sink is not None:
             self.sink.log_metrics(metrics, self.log_step(step))
 
@@ -361,6 +388,12 @@ class _SparsitySession:
             params["sparsity.reference_representable_fraction"] = f"{tracker.reference_representable_fraction:.6f}"
         params.update(self._extra_params)
         self.sink.log_params(params)
+        from sparsity_callbacks import plots
+
+        if self.config.log_artifacts and not plots._warmed_up:
+            # matplotlib's import and font set-up (~0.5 s on a cold process) while training runs, not at its end.
+            self._plots_warm_up = threading.Thread(target=plots._warm_up, name="sparsity-plots-warm-up")
+            self._plots_warm_up.start()
 
     def _start_freeze(self, resume_dir: str | None) -> None:
         source = self.config.freeze_mask
@@ -417,10 +450,22 @@ class _SparsitySession:
             self._log_metrics({f"{PREFIX}optimizer_state_bytes": float(self.freezer.optimizer_state_bytes)}, step)
 
     def _log_artifacts(self, measurement: Measurement, mask: Mask) -> None:
+        """Write and queue the artifacts, each as soon as it is written (the sink's worker uploads the mask and
+        report while the plots are drawn); the sink stages its own link to each file, so the folder goes."""
+        folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
+        try:
+            self._write_artifacts(measurement, mask, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _write_artifacts(self, measurement: Measurement, mask: Mask, folder: str) -> None:
         from sparsity_callbacks.plots import save_curves, save_heatmap
 
-        folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
+        def log(name: str) -> None:
+            self.sink.log_artifact(os.path.join(folder, name), "sparsity")
+
         mask.save(os.path.join(folder, "mask.safetensors"))
+        log("mask.safetensors")
         report = measurement.to_dict()
         report.update(
             {
@@ -433,10 +478,14 @@ class _SparsitySession:
         if self.freezer is not None:
             report["frozen_fraction"] = self.freezer.frozen_fraction
             self._freeze_mask.save(os.path.join(folder, "freeze_mask.safetensors"))
+            log("freeze_mask.safetensors")
         with open(os.path.join(folder, "report.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
+        log("report.json")
+        if self._plots_warm_up is not None:
+            self._plots_warm_up.join()
         cells = {key: counts.changed / counts.numel for key, counts in measurement.by_layer_and_module().items()}
         save_heatmap(cells, os.path.join(folder, "heatmap.png"), title=f"changed fraction at step {measurement.step}")
+        log("heatmap.png")
         save_curves(self.tracker.history, os.path.join(folder, "curves.png"), title="sparsity")
-        for name in sorted(os.listdir(folder)):
-            self.sink.log_artifact(os.path.join(folder, name), "sparsity")
+        log("curves.png")

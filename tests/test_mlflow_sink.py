@@ -473,3 +473,66 @@ def test_a_half_created_sqlite_store_is_called_broken_not_unreachable(tmp_path):
     (broken,) = [m for m in messages if "buffered" in m]
     assert f"tracking store at sqlite:///{db} fails" in broken and "half-created" in broken
     assert "unreachable" not in broken
+
+
+def test_deferred_metrics_are_built_on_the_worker_and_warned_about_on_the_caller(mlflow_local):
+    """`log_metrics(function, step)`: the caller only queues; the worker thread builds the dict, renames keys,
+    skips non-numeric values and splits what is over MLflow's 1000 per request. The warnings come on the
+    caller's thread at its next call (here `close`), and every value arrives at its step and timestamp."""
+    import threading
+
+    built_on: list[str] = []
+
+    def build(step: int):
+        def metrics() -> dict[str, object]:
+            built_on.append(threading.current_thread().name)
+            values: dict[str, object] = {f"m/{i}": float(i + step) for i in range(1500)}
+            values.update({"sparsity//weird key?": 0.5, "bad": "x"})
+            return values
+
+        return metrics
+
+    sink = MLflowSink(experiment="deferred")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        before = int(time.time() * 1000)
+        sink.log_metrics(build(3), step=3)
+        sink.log_metrics(build(4), step=4)
+        assert [str(w.message) for w in records if "MLflowSink" in str(w.message)] == []  # nothing built yet here
+        sink.close(timeout=120)
+    messages = [str(w.message) for w in records]
+    assert built_on == ["MLflowSink-worker"] * 2
+    assert sum("'sparsity//weird key?' -> 'sparsity/weird key_'" in m for m in messages) == 1
+    assert sum("'bad' has a non-numeric value 'x'" in m for m in messages) == 1
+    client = MlflowClient()
+    assert _history(client, sink.run_id, "m/1499") == [(3, 1502.0), (4, 1503.0)]
+    assert _history(client, sink.run_id, "sparsity/weird key_") == [(3, 0.5), (4, 0.5)]
+    assert len(client.get_run(sink.run_id).data.metrics) == 1501
+    stamps = {m.timestamp for m in client.get_metric_history(sink.run_id, "m/0")}
+    assert all(before <= t <= before + 60_000 for t in stamps)
+
+
+def test_deferred_metrics_that_cannot_be_delivered_reach_the_fallback_file(mlflow_local, tmp_path):
+    """Refused deferred metrics are built for the fallback file; a metrics function that raises loses its own
+    metrics with a warning, never the sink or the metrics queued after it."""
+    sink = MLflowSink(run_id="0123456789abcdef0123456789abcdef", fallback_dir=str(tmp_path / "fb"))
+
+    def broken() -> dict[str, float]:
+        raise RuntimeError("no figures")
+
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        sink.log_metrics(lambda: _metrics(10), step=10)
+        sink.log_metrics(broken, step=11)
+        sink.log_metrics(lambda: _metrics(20), step=20)
+        sink.close(timeout=30)
+    assert any(
+        "metrics of step 11 could not be built" in str(w.message) and "no figures" in str(w.message) for w in records
+    )
+    (path,) = (tmp_path / "fb").glob("sparsity_mlflow_fallback_*.jsonl")
+    rows = [
+        row for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "metrics" for row in r["metrics"]
+    ]
+    assert sorted((k, v, s) for k, v, _, s in rows) == sorted(
+        (k, v, s) for s in (10, 20) for k, v in _metrics(s).items()
+    )

@@ -76,18 +76,21 @@ def test_mask_freezer_tracked_errors_name_the_problem():
         MaskFreezer(model, partial, tracked=["0.weight", "1.weight"])
 
 
-def test_running_trainer_resume_path_reads_the_inner_training_loop_argument():
-    """transformers has no supported way to give callbacks the checkpoint being resumed; the adapter reads
-    it from `Trainer._inner_training_loop`'s frame, in one function. This fails if transformers renames it."""
+def test_running_training_loop_reads_the_inner_training_loop_frame():
+    """transformers has no supported way to give callbacks the Trainer or the checkpoint being resumed; the
+    adapter reads both from `Trainer._inner_training_loop`'s frame, in one function. This fails if
+    transformers renames it or its argument."""
     transformers = pytest.importorskip("transformers")
-    from sparsity_callbacks.integrations.transformers import _running_trainer_resume_path
+    from sparsity_callbacks.integrations.transformers import _running_training_loop
 
     params = inspect.signature(transformers.Trainer._inner_training_loop).parameters
     assert "resume_from_checkpoint" in params, transformers.__version__
 
-    def _inner_training_loop(resume_from_checkpoint=None):  # stands for the Trainer's frame
-        return _running_trainer_resume_path()
+    class _Trainer:  # stands for the Trainer whose frame is on the stack
+        def _inner_training_loop(self, resume_from_checkpoint=None):
+            return _running_training_loop()
 
-    assert _inner_training_loop("runs/checkpoint-7") == "runs/checkpoint-7"
-    assert _inner_training_loop(None) is None
-    assert _running_trainer_resume_path() is None  # no Trainer on the stack
+    trainer = _Trainer()
+    assert trainer._inner_training_loop("runs/checkpoint-7") == (trainer, "runs/checkpoint-7")
+    assert trainer._inner_training_loop(None) == (trainer, None)
+    assert _running_training_loop() == (None, None)  # no Trainer on the stack

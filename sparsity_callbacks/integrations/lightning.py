@@ -15,7 +15,7 @@ import torch
 from typing_extensions import override
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
-from sparsity_callbacks.report import HEADLINE_KEYS, Measurement
+from sparsity_callbacks.report import Measurement, _headline
 from sparsity_callbacks.session import (
     TRACKER_FILE,
     _fresh_run_replaceable,
@@ -288,11 +288,6 @@ def _may_clip_grad_norm(trainer: pl.Trainer, pl_module: pl.LightningModule) -> b
     if type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
         return True
     return bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm")
-
-
-def _headline(measurement: Measurement) -> dict[str, float]:
-    metrics = measurement.to_metrics()
-    return {key: metrics[key] for key in HEADLINE_KEYS if key in metrics}
 
 
 def _is_mlflow_logger(logger: Any) -> bool:

@@ -35,7 +35,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler
 
 from sparsity_callbacks.config import SparsityConfig, _resolve_config
-from sparsity_callbacks.report import HEADLINE_KEYS
+from sparsity_callbacks.report import HEADLINE_KEYS, _headline
 from sparsity_callbacks.session import (
     TRACKER_FILE,
     _fresh_run_replaceable,
@@ -145,8 +145,7 @@ class SparsityCallback(_SessionViews, TrainerCallback):
         step = int(state.global_step) + 1
         measurement = self._session.on_optimizer_step(step, last=0 < state.max_steps <= step)
         if measurement is not None:
-            metrics = measurement.to_metrics()
-            self._headline = {key: metrics[key] for key in HEADLINE_KEYS if key in metrics}
+            self._headline = _headline(measurement)
             self._headline_step = step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -314,17 +313,6 @@ def _logging_interval(args: TrainingArguments, state: TrainerState) -> int:
     return max(1, int(steps or 1))
 
 
-def _running_trainer() -> Any:
-    """The `Trainer` whose ``_inner_training_loop`` is on the call stack (transformers does not hand it to
-    callbacks), or None."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_inner_training_loop":
-            return frame.f_locals.get("self")
-        frame = frame.f_back
-    return None
-
-
 def _continue_saved_run(saved: dict[str, Any] | None, tracking_uri: str | None) -> None:
     """Resuming after a crash with HF's ``MLflowCallback``: it has just opened a new run for this ``train()``;
     when the checkpoint's run (``saved``) is still RUNNING (its training was killed), close the new one and
@@ -345,7 +333,7 @@ def _continue_saved_run(saved: dict[str, Any] | None, tracking_uri: str | None) 
     uri = mlflow.get_tracking_uri()
     if (tracking_uri or uri) != uri:
         return
-    trainer = _running_trainer()
+    trainer, _ = _running_training_loop()
     handler = getattr(trainer, "callback_handler", None)
     if not any(
         type(cb).__name__ == "MLflowCallback" and getattr(cb, "_auto_end_run", False)
@@ -367,13 +355,14 @@ def _continue_saved_run(saved: dict[str, Any] | None, tracking_uri: str | None) 
     )
 
 
-def _running_trainer_resume_path() -> str | None:
-    """The ``resume_from_checkpoint`` that the running ``Trainer._inner_training_loop`` received, read from
-    its frame on the call stack; None when there is none.
+def _running_training_loop() -> tuple[Any, str | None]:
+    """``(trainer, resume_from_checkpoint)`` of the ``Trainer._inner_training_loop`` on the call stack, read
+    from its frame; ``(None, None)`` when there is none (``resume_from_checkpoint`` is None too when that
+    loop got no path).
 
-    transformers (4.46 to 5.x) gives callbacks no supported way to learn this path: `TrainerState` is
-    re-loaded from the checkpoint without it, ``args.resume_from_checkpoint`` is only set when the user sets
-    it, and callback state restored through ``ExportableState`` needs
+    transformers (4.46 to 5.x) hands callbacks neither the `Trainer` nor the checkpoint being resumed:
+    `TrainerState` is re-loaded from the checkpoint without its path, ``args.resume_from_checkpoint`` is
+    only set when the user sets it, and callback state restored through ``ExportableState`` needs
     ``restore_callback_states_from_checkpoint=True``. ``tests/test_public_api.py`` checks that
     ``_inner_training_loop`` still takes that argument.
     """
@@ -382,9 +371,10 @@ def _running_trainer_resume_path() -> str | None:
         while frame is not None:
             if frame.f_code.co_name == "_inner_training_loop":
                 value = frame.f_locals.get("resume_from_checkpoint")
-                return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+                path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+                return frame.f_locals.get("self"), path
             frame = frame.f_back
-        return None
+        return None, None
     finally:
         del frame
 
@@ -394,14 +384,14 @@ def _resume_dir(args: TrainingArguments, state: TrainerState) -> str | None:
 
     ``Trainer.train(resume_from_checkpoint=...)`` does not hand the path to callbacks, so the candidates
     are, in order: the path in ``args.resume_from_checkpoint``, the ``resume_from_checkpoint`` the running
-    ``Trainer._inner_training_loop`` received (`_running_trainer_resume_path`), and
+    ``Trainer._inner_training_loop`` received (`_running_training_loop`), and
     ``<output_dir>/checkpoint-<global_step>``. The first holding a tracker state saved at this global step
     wins; else the first that exists (the session then warns that the reference restarts).
     """
     candidates: list[str] = []
     if isinstance(args.resume_from_checkpoint, str):
         candidates.append(args.resume_from_checkpoint)
-    running = _running_trainer_resume_path()
+    _, running = _running_training_loop()
     if running is not None:
         candidates.append(running)
     candidates.append(os.path.join(str(args.output_dir), f"{_CHECKPOINT_PREFIX}-{state.global_step}"))

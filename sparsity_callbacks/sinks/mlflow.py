@@ -44,7 +44,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +80,22 @@ class _Unreachable(Exception):
 
 @dataclass
 class _Entry:
-    """One queued unit of work. ``kind``: ``metrics`` (list of ``(key, value, timestamp_ms, step)``),
-    ``params`` (dict), ``artifact`` (``(local path, artifact path)``) or ``terminate`` (status)."""
+    """One queued unit of work. ``kind``: ``metrics`` (list of ``(key, value, timestamp_ms, step)``, or a
+    `_DeferredMetrics` until the worker builds that list), ``params`` (dict), ``artifact``
+    (``(local path, artifact path)``) or ``terminate`` (status)."""
 
     seq: int
     kind: str
     payload: Any
+
+
+@dataclass(frozen=True)
+class _DeferredMetrics:
+    """Metrics queued as the function that builds them, called on the worker thread (`MLflowSink._rows`)."""
+
+    build: Callable[[], Mapping[str, Any]]
+    timestamp: int
+    step: int
 
 
 def _require_mlflow() -> None:
@@ -334,7 +344,7 @@ class MLflowSink:
         self._outage_warned = False
         self._outage_since = 0.0
         self._outage_error: BaseException | None = None
-        self._refusal_notes: list[str] = []
+        self._notes: list[str] = []  # warnings decided off the caller's thread, emitted on it (`_emit_notices`)
         self._refusal_seen: set[str] = set()
         self._renamed: dict[str, str] = {}
         self._key_cache: dict[str, str] = {}
@@ -394,28 +404,23 @@ class MLflowSink:
         except Exception as err:  # never kill training for logging
             _log.warning("MLflowSink.log_params failed and skipped these params: %r", err)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float] | Callable[[], Mapping[str, float]], step: int) -> None:
         """Queue ``metrics`` at optimizer step ``step`` (timestamped now). Never blocks on the network and
-        never raises: values that are not numbers are skipped with one warning per key."""
+        never raises: values that are not numbers are skipped with one warning per key.
+
+        ``metrics`` may also be a function returning them (e.g. ``measurement.to_metrics``): the worker
+        thread calls it, so the caller pays only the queue put. It must not depend on state that changes
+        after this call. The warnings about its keys and values are then raised at the caller's next call
+        to the sink (or at `close`)."""
         try:
             if not self._usable():
                 return
             timestamp = int(time.time() * 1000)
             step = int(step)
-            rows = []
-            for key, value in metrics.items():
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    if key not in self._bad_values:
-                        self._bad_values.add(key)
-                        warnings.warn(
-                            f"MLflowSink: metric {key!r} has a non-numeric value {value!r}; it is not logged.",
-                            MLflowSinkWarning,
-                            stacklevel=2,
-                        )
-                    continue
-                rows.append((self._key(key), number, timestamp, step))
+            if callable(metrics):
+                self._enqueue("metrics", _DeferredMetrics(metrics, timestamp, step))
+                return
+            rows = self._metric_rows(metrics, timestamp, step, notes=None)
             self._notify_renamed()
             for i in range(0, len(rows), _MAX_METRICS_PER_BATCH):
                 self._enqueue("metrics", rows[i : i + _MAX_METRICS_PER_BATCH])
@@ -507,7 +512,7 @@ class MLflowSink:
             leftover = sorted([*self._pending, *self._refused], key=lambda e: e.seq)
         if leftover and (not delivered or self._refused):
             path = self._write_fallback(leftover)
-            n_metrics = sum(len(e.payload) for e in leftover if e.kind == "metrics")
+            n_metrics = sum(len(self._rows(e)) for e in leftover if e.kind == "metrics")
             warnings.warn(
                 f"MLflowSink: {n_metrics} metric values and {len(leftover)} queued items could not be delivered "
                 f"to MLflow at {self._uri} (run {self._run_id}); they were written to {path}. Replay them once "
@@ -566,15 +571,65 @@ class MLflowSink:
         cached = self._key_cache.get(key)
         if cached is None:
             cached = _sanitise_key(key)
-            self._key_cache[key] = cached
             if cached != key:
-                self._renamed[key] = cached
+                with self._cond:  # the worker renames the keys of deferred metrics
+                    self._renamed[key] = cached
+            self._key_cache[key] = cached
         return cached
 
+    def _metric_rows(
+        self, metrics: Mapping[str, Any], timestamp: int, step: int, notes: list[str] | None
+    ) -> list[tuple[str, float, int, int]]:
+        """``(MLflow key, value, timestamp_ms, step)`` rows of ``metrics``; a non-numeric value is skipped
+        with one warning per key: raised now, or appended to ``notes`` (off the caller's thread)."""
+        rows = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                if key not in self._bad_values:
+                    self._bad_values.add(key)
+                    message = f"MLflowSink: metric {key!r} has a non-numeric value {value!r}; it is not logged."
+                    if notes is None:
+                        warnings.warn(message, MLflowSinkWarning, stacklevel=3)
+                    else:
+                        notes.append(message)
+                continue
+            rows.append((self._key(key), number, timestamp, step))
+        return rows
+
+    def _rows(self, entry: _Entry) -> list[tuple[str, float, int, int]]:
+        """The rows of a ``metrics`` entry, building deferred ones (any thread: the result is the same)."""
+        payload = entry.payload
+        if not isinstance(payload, _DeferredMetrics):
+            return payload
+        notes: list[str] = []
+        try:
+            rows = self._metric_rows(payload.build(), payload.timestamp, payload.step, notes=notes)
+        except Exception as err:  # a broken metrics function loses its metrics, never the sink
+            rows = []
+            notes.append(
+                f"MLflowSink: the metrics of step {payload.step} could not be built and are not logged: "
+                f"{_describe(err)}"
+            )
+        entry.payload = rows
+        if notes:
+            with self._cond:
+                self._notes.extend(notes)
+        return rows
+
+    def _build_deferred(self) -> None:
+        """Build the deferred metrics queued so far (worker thread, outside the lock)."""
+        with self._cond:
+            deferred = [e for e in self._pending if isinstance(e.payload, _DeferredMetrics)]
+        for entry in deferred:
+            self._rows(entry)
+
     def _notify_renamed(self) -> None:
-        if self._renamed:
-            listing = ", ".join(f"{k!r} -> {v!r}" for k, v in self._renamed.items())
-            self._renamed = {}
+        with self._cond:
+            renamed, self._renamed = self._renamed, {}
+        if renamed:
+            listing = ", ".join(f"{k!r} -> {v!r}" for k, v in renamed.items())
             warnings.warn(
                 f"MLflowSink: keys renamed to what MLflow accepts (alphanumerics and _ - . space / :): {listing}",
                 MLflowSinkWarning,
@@ -587,9 +642,11 @@ class MLflowSink:
             outage = self._outage and not self._outage_warned
             if outage:
                 self._outage_warned = True
-            notes, self._refusal_notes = self._refusal_notes, []
-            n_buffered = sum(len(e.payload) for e in self._pending if e.kind == "metrics")
+            notes, self._notes = self._notes, []
+            pending = list(self._pending) if outage else []
+        self._notify_renamed()
         if outage:
+            n_buffered = sum(len(self._rows(e)) for e in pending if e.kind == "metrics")
             warnings.warn(
                 f"MLflowSink: {self._outage_cause()}; metrics are buffered "
                 f"in memory ({n_buffered} values so far) and retried every {self._retry_interval_s:g} s or more. "
@@ -683,6 +740,7 @@ class MLflowSink:
 
     def _attempt(self) -> None:
         """Deliver the run creation or the next batch; raise on an outage (nothing is removed then)."""
+        self._build_deferred()
         uri = self._uri or ""  # resolved before the worker runs
         if _is_http(uri) and not _probe(uri, _PROBE_TIMEOUT_S):
             raise _Unreachable(f"no answer from {self._uri}/health within {_PROBE_TIMEOUT_S:g} s")
@@ -747,9 +805,11 @@ class MLflowSink:
             head = self._pending[0]
             batch = [head]
             if head.kind == "metrics":
-                total = len(head.payload)
+                total = len(self._rows(head))
                 for entry in itertools.islice(self._pending, 1, None):
-                    if entry.kind != "metrics" or total + len(entry.payload) > _MAX_METRICS_PER_BATCH:
+                    if entry.kind != "metrics" or isinstance(entry.payload, _DeferredMetrics):
+                        break  # a deferred entry (queued just now) goes with the next batch
+                    if total + len(entry.payload) > _MAX_METRICS_PER_BATCH:
                         break
                     batch.append(entry)
                     total += len(entry.payload)
@@ -761,7 +821,8 @@ class MLflowSink:
         head = batch[0]
         if head.kind == "metrics":
             metrics = [Metric(k, v, t, s) for entry in batch for (k, v, t, s) in entry.payload]
-            client.log_batch(self._run_id, metrics=metrics)
+            for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):  # one deferred entry may hold more
+                client.log_batch(self._run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
         elif head.kind == "params":
             client.log_batch(self._run_id, params=[Param(k, v) for k, v in head.payload.items()])
         elif head.kind == "tags":
@@ -805,7 +866,7 @@ class MLflowSink:
                 message = str(err)[:500]
                 if message not in self._refusal_seen:
                     self._refusal_seen.add(message)
-                    self._refusal_notes.append(
+                    self._notes.append(
                         f"MLflowSink: MLflow at {self._uri} refused {what} (run {self._run_id}): {message} "
                         "-- this and any further refused data is kept and written to the fallback file at close."
                     )
@@ -834,7 +895,7 @@ class MLflowSink:
             f.write(json.dumps(header) + "\n")
             for entry in entries:
                 if entry.kind == "metrics":
-                    record = {"type": "metrics", "metrics": [list(row) for row in entry.payload]}
+                    record = {"type": "metrics", "metrics": [list(row) for row in self._rows(entry)]}
                 elif entry.kind == "params":
                     record = {"type": "params", "params": entry.payload}
                 elif entry.kind == "tags":
