@@ -2,6 +2,7 @@
 
     python examples/reproduce_paper.py                    # every part, the documented step counts
     python examples/reproduce_paper.py --parts a --steps 4 --out results.json
+    python examples/reproduce_paper.py --tiny --steps 1 --recovery-steps 2   # the tiny built-in model (tests)
 
 Papers: update sparsity of RL fine-tuning, 68-96 % of bf16 weights unchanged (arXiv 2505.11711); the
 subnetworks of different seeds and algorithms overlap far above chance and training only the subnetwork
@@ -11,16 +12,23 @@ the "precision gate" (arXiv 2511.08567).
 Parts (each runnable alone with ``--parts``; a part trains what it needs, runs shared within one process are
 trained once):
 
-a. update sparsity compared in bf16 after N steps of GRPO at lr 1e-6 and 1e-5, DPO and SFT, from the
-   dequantized fp32 base (only ~21 % of its weights are bf16 values) and from the base rounded to bf16; also
-   the fraction changed in fp32 and the share of changed elements that moved >= 255 ulps (bf16 and fp32
-   compare: the regime of the fingerprint estimator).
+a. update sparsity compared in bf16 after ``--steps`` (default 3) steps of GRPO at lr 1e-6 and 1e-5, DPO
+   and SFT, from the dequantized fp32 base (only ~21 % of its weights are bf16 values) and from the base
+   rounded to bf16; also the fraction changed in fp32 and the share of changed elements that moved >= 255
+   ulps (bf16 and fp32 compare: the regime of the fingerprint estimator).
 b. overlap of the bf16 masks of two GRPO seeds and of GRPO vs DPO, against the uniform and the
    magnitude-matched chance (strata: tensor x bf16 exponent of the base weight).
-c. subnetwork recovery: GRPO from the bf16 base, then the same run (same init, seed, data) trained only on
-   its ever-changed bf16 mask, and on a random mask of the same density: fraction of elements identical to
-   the full run's final weights exactly and within 1e-5 / 1e-4, and the reward curves.
+c. subnetwork recovery: GRPO from the bf16 base for ``--recovery-steps`` (default 8) at ``--recovery-lr``
+   (default 5e-5, where the short-answer reward rises within 8 steps), then the same run (same init, seed,
+   data) trained only on its ever-changed bf16 mask, and on a random mask of the same density: fraction of
+   elements identical to the full run's final weights exactly and within 1e-5 / 1e-4 (and of the untrained
+   base, the floor), and the reward curves per step.
 d. rank of the updates (final - base) of the 2-D weights, as rank / min(shape).
+
+The GRPO task (all parts): small sums, rewarded 1 for the right number plus a short-answer term (1 − chars/48
+when the answer holds a number, else 0). SmolLM2 learns the short answers within about 10 steps at lr 5e-5
+(0.40 -> 0.96 in a 12-step trial); the right-sum rate (0-25 % per step) does not move on a CPU budget.
+``--tiny``: the tiny model built in code, on word tasks its tokenizer can spell.
 
 Every training run is an MLflow run (``MLFLOW_TRACKING_URI`` or ``mlflow.db`` here) with the sparsity
 metrics; the results go to ``--out`` as JSON and are printed as tables.
@@ -37,15 +45,28 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _models import load_model  # noqa: E402
-from trl_grpo import arithmetic_prompts, brevity_reward, correct_sum_reward, round_to_bf16_  # noqa: E402
+from _models import TINY_WORDS, load_model, tiny_model, tiny_tokenizer  # noqa: E402
+from trl_grpo import (  # noqa: E402
+    _last_integer,
+    _text,
+    arithmetic_prompts,
+    correct_sum_reward,
+    round_to_bf16_,
+    target_word_reward,
+)
 
 from sparsity_callbacks import Mask, SparsityCallback  # noqa: E402
+
+#: the documented default step counts (README, "Reproducing the papers")
+STEPS = 3
+RECOVERY_STEPS = 8
 
 PAPERS = {
     "update sparsity (bf16), RL": "68.5-96 % of weights unchanged in published RL checkpoints (2505.11711)",
@@ -57,19 +78,93 @@ PAPERS = {
 }
 
 
+#: characters of answer over which the short-answer reward falls from 1 to 0
+SHORT_ANSWER_SCALE_CHARS = 48
+
+
 @dataclass
 class Options:
-    # Defaults sized for ~30 min on a quiet 2-core machine (GRPO step ~3.2 s, SFT ~1.8 s there, 11 runs);
-    # the README's table was taken with --steps 3 --recovery-steps 3 on a machine shared by ~10 processes.
-    steps: int = 10  # optimizer steps per run (parts a, b, d)
-    recovery_steps: int = 10  # per run of part c (equal to `steps`: its full run is part a's GRPO lr 1e-5 run)
+    # Defaults: see the README ("Reproducing the papers") for what they take on 2 cores.
+    steps: int = STEPS  # optimizer steps per run (parts a, b, d)
+    recovery_steps: int = RECOVERY_STEPS  # per run of part c
+    recovery_lr: float = 5e-5  # part c: the short-answer format is learned within RECOVERY_STEPS at this lr
     num_generations: int = 4
     max_completion_length: int = 16
     sft_lr: float = 1e-5
     dpo_lr: float = 1e-6
-    rank_layers: tuple[int, ...] = (0, 15, 29)
+    rank_layers: tuple[int, ...] | None = None  # part d; None: the first, middle and last layer
+    tiny: bool = False  # the tiny model built in code, on word tasks (tests)
     out: str = "reproduce_paper.json"
     output_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="reproduce_paper_"))
+
+
+def short_answer_reward(completions: list, **kwargs) -> list[float]:
+    """``1 − characters / SHORT_ANSWER_SCALE_CHARS`` (floored at 0) for an answer that holds a number, else 0:
+    the format SmolLM2 learns within a CPU budget ("42" scores 0.96, "17 + 25 = 42" 0.75, a ramble 0)."""
+    rewards = []
+    for completion in completions:
+        text = _text(completion).strip()
+        has_number = _last_integer(text) is not None
+        rewards.append(max(0.0, 1.0 - len(text) / SHORT_ANSWER_SCALE_CHARS) if has_number else 0.0)
+    return rewards
+
+
+@dataclass
+class Task:
+    """What the runs train on: GRPO prompts and rewards, DPO preference pairs, SFT demonstrations."""
+
+    name: str
+    grpo_prompts: Callable[[int], Any]
+    grpo_rewards: list[Callable]
+    preference_pairs: Callable[[int], Any]
+    demonstrations: Callable[[int], Any]
+
+
+def _small_sums_task() -> Task:
+    return Task(
+        name="small sums (right number + short answer)",
+        grpo_prompts=lambda seed: arithmetic_prompts(seed=seed),
+        grpo_rewards=[correct_sum_reward, short_answer_reward],
+        preference_pairs=lambda seed: _preference_pairs(seed),
+        demonstrations=lambda seed: _demonstrations(seed),
+    )
+
+
+def _tiny_words_task() -> Task:
+    """The tiny model's tasks, in words its tokenizer spells: emit ``w7`` (GRPO), count up (DPO, SFT)."""
+    from datasets import Dataset
+
+    def prompts(seed: int):
+        rng = random.Random(seed)
+        return Dataset.from_dict(
+            {"prompt": [" ".join(f"w{rng.randrange(TINY_WORDS)}" for _ in range(6)) for _ in range(64)]}
+        )
+
+    def counting(seed: int, n: int = 64):
+        rng = random.Random(seed)
+        starts = [rng.randrange(TINY_WORDS - 6) for _ in range(n)]
+        return starts, rng
+
+    def pairs(seed: int):
+        starts, rng = counting(seed)
+        return Dataset.from_dict(
+            {
+                "prompt": [" ".join(f"w{s + i}" for i in range(3)) for s in starts],
+                "chosen": [" " + " ".join(f"w{s + 3 + i}" for i in range(3)) for s in starts],
+                "rejected": [" " + " ".join(f"w{rng.randrange(TINY_WORDS)}" for _ in range(3)) for _ in starts],
+            }
+        )
+
+    def demonstrations(seed: int):
+        starts, _ = counting(seed)
+        return Dataset.from_dict(
+            {
+                "prompt": [" ".join(f"w{s + i}" for i in range(3)) for s in starts],
+                "completion": [" " + " ".join(f"w{s + 3 + i}" for i in range(3)) for s in starts],
+            }
+        )
+
+    return Task("tiny words (w7; counting up)", prompts, [target_word_reward], pairs, demonstrations)
 
 
 @dataclass
@@ -81,7 +176,8 @@ class Run:
     mask: Mask  # ever-changed, compared in bf16
     metrics: dict[str, float]
     representable: float | None
-    rewards: list[float]
+    rewards: list[float]  # mean total reward per step (GRPO; empty otherwise)
+    reward_terms: dict[str, list[float]] = field(default_factory=dict)  # per reward function, per step
     final: dict[str, torch.Tensor] | None = None  # final weights (kept only when a part needs them)
     run_id: str | None = None
     ulps: dict[str, float] = field(default_factory=dict)
@@ -93,7 +189,15 @@ class Lab:
     def __init__(self, options: Options, model: str | None = None) -> None:
         self.options = options
         started = time.perf_counter()
-        self.model, self.tokenizer = load_model(model)
+        if options.tiny:
+            self.tokenizer = tiny_tokenizer()
+            self.model = tiny_model(self.tokenizer)
+            self.task = _tiny_words_task()
+        else:
+            self.model, self.tokenizer = load_model(model)
+            self.task = _small_sums_task()
+        layers = self.model.config.num_hidden_layers
+        self.rank_layers = options.rank_layers or tuple(sorted({0, layers // 2, layers - 1}))
         self.load_seconds = time.perf_counter() - started
         self.bases = {"dequantized": self.model.state_dict()}
         rounded = copy.deepcopy(self.model)
@@ -139,7 +243,7 @@ class Lab:
             freeze_mask=freeze_mask,
         )
         started = time.perf_counter()
-        trainer = _trainer(kind, model, self.tokenizer, lr, seed, steps, self.options, callback, label)
+        trainer = _trainer(kind, model, self.tokenizer, self.task, lr, seed, steps, self.options, callback, label)
         trainer.train()
         seconds = time.perf_counter() - started
         if mlflow.active_run() is not None:
@@ -159,6 +263,10 @@ class Lab:
             metrics=metrics,
             representable=callback.tracker.reference_representable_fraction,
             rewards=[e["reward"] for e in trainer.state.log_history if "reward" in e],
+            reward_terms={
+                f.__name__: [e[f"rewards/{f.__name__}/mean"] for e in trainer.state.log_history if "reward" in e]
+                for f in (self.task.grpo_rewards if kind == "grpo" else [])
+            },
             final=final if base == "bf16" else None,
             run_id=callback.run_id,
             ulps=_ulp_shares(base_weights, final),
@@ -167,8 +275,8 @@ class Lab:
         return run
 
 
-def _trainer(kind, model, tokenizer, lr, seed, steps, options: Options, callback, label):
-    """A TRL trainer for ``kind`` in ("grpo", "dpo", "sft") on the small-sums task."""
+def _trainer(kind, model, tokenizer, task: Task, lr, seed, steps, options: Options, callback, label):
+    """A TRL trainer for ``kind`` in ("grpo", "dpo", "sft") on ``task``."""
     common = dict(
         output_dir=os.path.join(options.output_dir, label.replace(" ", "_").replace("=", "")),
         max_steps=steps,
@@ -196,9 +304,9 @@ def _trainer(kind, model, tokenizer, lr, seed, steps, options: Options, callback
         )
         return GRPOTrainer(
             model=model,
-            reward_funcs=[correct_sum_reward, brevity_reward],
+            reward_funcs=task.grpo_rewards,
             args=args,
-            train_dataset=arithmetic_prompts(seed=seed),
+            train_dataset=task.grpo_prompts(seed),
             processing_class=tokenizer,
             callbacks=[callback],
         )
@@ -210,7 +318,7 @@ def _trainer(kind, model, tokenizer, lr, seed, steps, options: Options, callback
             model=model,
             ref_model=copy.deepcopy(model),  # the frozen reference policy: the base (TRL would reload it by name)
             args=args,
-            train_dataset=_preference_pairs(seed),
+            train_dataset=task.preference_pairs(seed),
             processing_class=tokenizer,
             callbacks=[callback],
         )
@@ -218,7 +326,7 @@ def _trainer(kind, model, tokenizer, lr, seed, steps, options: Options, callback
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common, per_device_train_batch_size=4, max_length=64)
-        data = _demonstrations(seed)
+        data = task.demonstrations(seed)
         return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
     raise ValueError(f"kind must be 'grpo', 'dpo' or 'sft', got {kind!r}")
 
@@ -348,7 +456,8 @@ def part_b(lab: Lab) -> dict:
 def part_c(lab: Lab) -> dict:
     """Subnetwork recovery: the full GRPO run vs the same run on its bf16 mask and on a random mask."""
     o = lab.options
-    full = lab.run("grpo", "bf16", 1e-5, steps=o.recovery_steps)
+    steps, lr = o.recovery_steps, o.recovery_lr
+    full = lab.run("grpo", "bf16", lr, steps=steps)
     folder = tempfile.mkdtemp(prefix="reproduce_masks_")
     discovered = os.path.join(folder, "discovered.safetensors")
     full.mask.save(discovered)
@@ -360,22 +469,67 @@ def part_c(lab: Lab) -> dict:
     )
     random_path = os.path.join(folder, "random.safetensors")
     random_mask.save(random_path)
-    rows = {"full": full}
-    rows["discovered mask"] = lab.run("grpo", "bf16", 1e-5, steps=o.recovery_steps, freeze_mask=discovered)
-    rows["random mask, same density"] = lab.run("grpo", "bf16", 1e-5, steps=o.recovery_steps, freeze_mask=random_path)
+    base = lab.base_weights("bf16")
+    runs = {
+        "full": (full, None),
+        "discovered mask": (lab.run("grpo", "bf16", lr, steps=steps, freeze_mask=discovered), full.mask),
+        "random mask, same density": (lab.run("grpo", "bf16", lr, steps=steps, freeze_mask=random_path), random_mask),
+    }
     out = {}
-    for label, run in rows.items():
-        out[label] = {
-            "trained_fraction": 1.0 if label == "full" else (density if "discovered" in label else random_mask.density),
-            "identical_exact": 1 - _fraction_changed(full.final, run.final, None),
-            "identical_within_1e-5": 1 - _fraction_changed(full.final, run.final, None, atol=1e-5),
-            "identical_within_1e-4": 1 - _fraction_changed(full.final, run.final, None, atol=1e-4),
+    for label, (run, mask) in runs.items():
+        row = _identical(full.final, run.final)
+        row = {
+            "steps": steps,
+            "learning_rate": lr,
+            "trained_fraction": 1.0 if mask is None else mask.density,
+            **row,
+            # the freeze is bit-exact: outside the trained mask nothing may differ from the base
+            "changed_outside_trained_mask": None if mask is None else _changed_outside(base, run.final, mask),
             "reward_curve": run.rewards,
-            "reward_first_quarter": _mean(run.rewards[: max(1, len(run.rewards) // 4)]),
-            "reward_last_quarter": _mean(run.rewards[-max(1, len(run.rewards) // 4) :]),
+            "reward_terms": run.reward_terms,
+            "reward_first_quarter": _quarter(run.rewards, first=True),
+            "reward_last_quarter": _quarter(run.rewards, first=False),
             "seconds": round(run.seconds, 1),
+            "mlflow_run_id": run.run_id,
         }
+        out[label] = row
+        if run.run_id is not None and mask is not None:
+            _log_recovery(run.run_id, row)
+    # the floor: how much of the full run's final weights the untrained base already matches
+    out["base, untrained"] = {"steps": 0, "trained_fraction": 0.0, **_identical(full.final, base)}
     return out
+
+
+def _identical(full: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Fraction of elements of ``other`` identical to ``full``: bit for bit, and within 1e-5 / 1e-4."""
+    return {
+        "identical_exact": 1 - _fraction_changed(full, other, None),
+        "identical_within_1e-5": 1 - _fraction_changed(full, other, None, atol=1e-5),
+        "identical_within_1e-4": 1 - _fraction_changed(full, other, None, atol=1e-4),
+    }
+
+
+def _changed_outside(base: dict[str, torch.Tensor], final: dict[str, torch.Tensor], mask: Mask) -> int:
+    """Elements outside ``mask`` whose bits differ from the base (0 when the freeze held)."""
+    total = 0
+    for name, b in base.items():
+        outside = ~mask[name].reshape(b.shape)
+        total += int((final[name].view(torch.int32) != b.view(torch.int32))[outside].sum())
+    return total
+
+
+def _log_recovery(run_id: str, row: dict) -> None:
+    """The recovery figures as metrics of the masked run (``recovery/...``), beside its reward curve."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key in ("trained_fraction", "identical_exact", "identical_within_1e-5", "identical_within_1e-4"):
+        client.log_metric(run_id, f"recovery/{key}", float(row[key]))
+
+
+def _quarter(values: list[float], first: bool) -> float:
+    k = max(1, len(values) // 4)
+    return _mean(values[:k] if first else values[-k:])
 
 
 def part_d(lab: Lab) -> dict:
@@ -388,7 +542,7 @@ def part_d(lab: Lab) -> dict:
         ranks = {}
         for name, b in base.items():
             layer = _layer(name)
-            if b.dim() != 2 or layer is None or layer not in o.rank_layers:
+            if b.dim() != 2 or layer is None or layer not in lab.rank_layers:
                 continue
             delta = (run.final[name] - b).double()
             ranks[name] = int(torch.linalg.matrix_rank(delta)) / min(delta.shape)
@@ -414,14 +568,20 @@ PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
 
 
 def main(parts: str = "abcd", options: Options | None = None, model: str | None = None) -> dict:
+    if not parts or set(parts) - set(PARTS):
+        raise ValueError(f"parts takes letters from 'abcd' (e.g. 'a' or 'bc'), got {parts!r}")
     options = options or Options()
     started = time.perf_counter()
     lab = Lab(options, model)
     results: dict = {
         "model": lab.model.config.name_or_path,
         "load_seconds": round(lab.load_seconds, 1),
+        "task": lab.task.name,
         "options": {k: v for k, v in vars(options).items() if k != "output_dir"},
+        "rank_layers": list(lab.rank_layers),
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": _load_average(),
         "papers": PAPERS,
     }
     for part in parts:
@@ -432,10 +592,19 @@ def main(parts: str = "abcd", options: Options | None = None, model: str | None 
         with open(options.out, "w") as handle:  # after every part: a crash keeps what is done
             json.dump(results, handle, indent=1, default=str)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["load_average_end"] = _load_average()
     with open(options.out, "w") as handle:
         json.dump(results, handle, indent=1, default=str)
     _print(results)
     return results
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _print(results: dict) -> None:
@@ -460,11 +629,15 @@ def _print(results: dict) -> None:
     if "c" in results:
         print("\n(c) subnetwork recovery")
         for label, r in results["c"].items():
+            reward = (
+                f"  reward {r['reward_first_quarter']:.3f} -> {r['reward_last_quarter']:.3f}"
+                if "reward_curve" in r
+                else ""
+            )
             print(
                 f"  {label:<26} trained {pct(r['trained_fraction'])}  identical to full: exact "
                 f"{pct(r['identical_exact'])}, 1e-5 {pct(r['identical_within_1e-5'])}, 1e-4 "
-                f"{pct(r['identical_within_1e-4'])}  reward {r['reward_first_quarter']:.3f} -> "
-                f"{r['reward_last_quarter']:.3f}"
+                f"{pct(r['identical_within_1e-4'])}{reward}"
             )
     if "d" in results:
         print("\n(d) rank of updates")
@@ -479,6 +652,15 @@ if __name__ == "__main__":
     parser.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: SmolLM2-135M)")
     parser.add_argument("--steps", type=int, default=Options.steps, help="optimizer steps per run, parts a, b, d")
     parser.add_argument("--recovery-steps", type=int, default=Options.recovery_steps, help="steps per run, part c")
+    parser.add_argument("--recovery-lr", type=float, default=Options.recovery_lr, help="learning rate, part c")
+    parser.add_argument("--tiny", action="store_true", help="the tiny built-in model on word tasks (seconds; tests)")
     parser.add_argument("--out", default=Options.out, help="where to write the JSON results")
     args = parser.parse_args()
-    main(args.parts, Options(steps=args.steps, recovery_steps=args.recovery_steps, out=args.out), args.model)
+    options = Options(
+        steps=args.steps,
+        recovery_steps=args.recovery_steps,
+        recovery_lr=args.recovery_lr,
+        tiny=args.tiny,
+        out=args.out,
+    )
+    main(args.parts, options, args.model)
