@@ -244,3 +244,20 @@ def smollm2_copy(smollm2):
 
     model, tokenizer = smollm2
     return copy.deepcopy(model), tokenizer
+
+
+# --- the 2-process DeepSpeed group --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def zero3_group(tmp_path_factory):
+    """``(folder, [rank 0 results, rank 1 results])`` of every DeepSpeed ZeRO-3 scenario of the suite, run in one
+    2-process gloo group (`test_distributed_freeze._zero3_group`): each rank's results hold the frozen runs
+    (``"adamw"``, ``"sgd"``) and the partition counts (``"partitions"``). Skipped without DeepSpeed."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (optional)")
+    import json
+
+    import torch.multiprocessing
+    from test_distributed_freeze import WORLD, _zero3_group
+
+    folder = tmp_path_factory.mktemp("zero3")
+    torch.multiprocessing.spawn(_zero3_group, args=(_free_port(), str(folder), ["adamw", "sgd"]), nprocs=WORLD)
+    return str(folder), [json.loads((folder / f"zero3_rank{rank}.json").read_text()) for rank in range(WORLD)]

@@ -213,52 +213,35 @@ def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _deepspeed(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
-    out: dict = {}
-    try:
-        import deepspeed
-        import torch._dynamo  # noqa: F401  -- before zero.Init patches torch.Tensor.__new__ (see params.py)
-        import transformers.generation.utils  # noqa: F401
+def _zero3_partitions(deepspeed, rank: int, tmp: str, out: dict) -> None:
+    """One rank of the ZeRO-3 partition counts (run by the session's DeepSpeed group, see conftest): the
+    model built under ``zero.Init``, the known edits through ``GatheredParameters``, then a real step."""
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = _model()
+    params = dict(model.named_parameters())
+    tracker = SparsityTracker(model, mode="exact")
+    tracker.snapshot()
+    from sparsity_callbacks._rules import _tensor_signature
 
-        deepspeed.init_distributed(dist_backend="gloo")
-        config = {
-            "train_micro_batch_size_per_gpu": 2,
-            "zero_optimization": {"stage": 3},
-            "zero_allow_untested_optimizer": True,
-        }
-        with deepspeed.zero.Init(config_dict_or_path=config):
-            model = _model()
-        params = dict(model.named_parameters())
-        tracker = SparsityTracker(model, mode="exact")
-        tracker.snapshot()
-        from sparsity_callbacks._rules import _tensor_signature
-
-        with deepspeed.zero.GatheredParameters(list(params.values())):  # zero.Init initialises differently
-            out["full_signatures"] = {n: _tensor_signature(p) for n, p in params.items()}
-        with deepspeed.zero.GatheredParameters([params[n] for n in EDITS], modifier_rank=0), torch.no_grad():
-            if rank == 0:
-                for name, indices in EDITS.items():
-                    params[name].view(-1)[indices] += 0.5
-        out["edits"] = _summary(tracker, tracker.measure(1))
-        tracker.ever_changed_mask().save(os.path.join(tmp, f"zero3_mask_rank{rank}.safetensors"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        ids = _batch(0)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-        out["step_changed"] = tracker.measure(2).total.changed
-    except Exception:
-        out["error"] = traceback.format_exc()
-    with open(os.path.join(tmp, f"zero3_rank{rank}.json"), "w") as f:
-        json.dump(out, f)
+    with deepspeed.zero.GatheredParameters(list(params.values())):  # zero.Init initialises differently
+        out["full_signatures"] = {n: _tensor_signature(p) for n, p in params.items()}
+    with deepspeed.zero.GatheredParameters([params[n] for n in EDITS], modifier_rank=0), torch.no_grad():
+        if rank == 0:
+            for name, indices in EDITS.items():
+                params[name].view(-1)[indices] += 0.5
+    out["edits"] = _summary(tracker, tracker.measure(1))
+    tracker.ever_changed_mask().save(os.path.join(tmp, f"zero3_mask_rank{rank}.safetensors"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    ids = _batch(0)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    out["step_changed"] = tracker.measure(2).total.changed
 
 
 # --- tests ------------------------------------------------------------------------------------------
@@ -334,11 +317,10 @@ def test_ddp_replicas_are_counted_once(spawned):
     assert results[0]["ddp"]["step"] == results[1]["ddp"]["step"]  # identical replicas, identical counts
 
 
-def test_deepspeed_zero3_partitions(tmp_path):
-    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (optional)")
-    torch.multiprocessing.spawn(_deepspeed, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
-    results = [json.loads((tmp_path / f"zero3_rank{rank}.json").read_text()) for rank in range(WORLD)]
+def test_deepspeed_zero3_partitions(zero3_group):
+    tmp, results = zero3_group
+    results = [r["partitions"] for r in results]
     # zero.Init draws the initial weights differently: counts and masks are compared with the single-process
     # run, the signatures with the full tensors gathered by DeepSpeed
-    _check_edits(str(tmp_path), [{"zero3": r} for r in results], "zero3", "exact", same_weights=False)
+    _check_edits(tmp, [{"zero3": r} for r in results], "zero3", "exact", same_weights=False)
     assert all(r["step_changed"] > 1000 for r in results) and results[0]["step_changed"] == results[1]["step_changed"]

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,9 +407,12 @@ def test_each_rank_stores_only_its_shard(spawned):
 
 
 # --- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
-def _zero3(rank: int, port: int, tmp: str, kinds: list[str]) -> None:
-    """One rank of the ZeRO-3 frozen runs (one per optimizer ``kind``). DeepSpeed partitions the model in
-    ``deepspeed.initialize`` (no ``zero.Init``), so the initial weights are the single-process ones."""
+def _zero3_group(rank: int, port: int, tmp: str, kinds: list[str]) -> None:
+    """One rank of the session's DeepSpeed group (fixture ``zero3_group`` in conftest; a DeepSpeed start-up
+    costs seconds per process, so every ZeRO-3 scenario of the suite shares one): the ZeRO-3 frozen runs (one
+    per optimizer ``kind``), then the partition counts of test_distributed. Here DeepSpeed partitions the
+    model in ``deepspeed.initialize`` (no ``zero.Init``), so the initial weights are the single-process ones;
+    the partition counts build theirs under ``zero.Init``, last, so that nothing runs after its patching."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -431,6 +435,12 @@ def _zero3(rank: int, port: int, tmp: str, kinds: list[str]) -> None:
         except Exception:
             out["error"] = traceback.format_exc()
         results[kind] = out
+    out = {}
+    try:
+        importlib.import_module("test_distributed")._zero3_partitions(deepspeed, rank, tmp, out)
+    except Exception:
+        out["error"] = traceback.format_exc()
+    results["partitions"] = out
     with open(os.path.join(tmp, f"zero3_rank{rank}.json"), "w") as f:
         json.dump(results, f)
     torch.distributed.destroy_process_group()
@@ -468,17 +478,10 @@ def _zero3_run(deepspeed, kind: str, rank: int, tmp: str, out: dict) -> None:
         torch.save(final, os.path.join(tmp, f"zero3-{kind}.pt"))
 
 
-@pytest.fixture(scope="module")
-def zero3(tmp_path_factory):
-    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (optional)")
-    tmp = tmp_path_factory.mktemp("zero3")
-    torch.multiprocessing.spawn(_zero3, args=(_free_port(), str(tmp), ["adamw", "sgd"]), nprocs=WORLD)
-    return tmp, [json.loads((tmp / f"zero3_rank{rank}.json").read_text()) for rank in range(WORLD)]
-
-
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_deepspeed_zero3_frozen_elements_stay_bit_identical(zero3, single, kind):
-    tmp_path, results = zero3
+def test_deepspeed_zero3_frozen_elements_stay_bit_identical(zero3_group, single, kind):
+    tmp, results = zero3_group
+    tmp_path = Path(tmp)
     expected, single_checks, _ = single[kind]
     for rank in range(WORLD):
         out = results[rank][kind]

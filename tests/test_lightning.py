@@ -582,10 +582,6 @@ def test_sparsity_steps_line_up_with_lightnings_own_loss(tmp_path, mlflow_local,
 
 
 # --- distributed: real 2-process gloo runs of this file ----------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> None:
@@ -641,26 +637,43 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
         torch.distributed.destroy_process_group()
 
 
-def _launch(kind: str, out_dir, mlflow_uri: str | None, world_size: int = 2) -> list[dict]:
-    """Start ``world_size`` ranks of ``_dist_fit`` as external processes (Lightning's LightningEnvironment with
-    LOCAL_RANK set: no re-launch of pytest), wait for all, return their results sorted by rank."""
-    port = str(_free_port())
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held together while they are picked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int = 2) -> dict[str, list[dict]]:
+    """Start ``world_size`` ranks as external processes (Lightning's LightningEnvironment with LOCAL_RANK set:
+    no re-launch of pytest) that run the fits ``kinds`` one after the other, each in a process group of its own
+    (its own ``MASTER_PORT``): one process start-up (Python, torch, Lightning: seconds) for several fits. Wait
+    for all; return each kind's results sorted by rank."""
+    ports = ",".join(map(str, _free_ports(len(kinds))))
+    name = "+".join(kinds)
     processes = []
     for rank in range(world_size):
         env = dict(
             os.environ,
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
             WORLD_SIZE=str(world_size),
             NODE_RANK="0",
             LOCAL_RANK=str(rank),
             OMP_NUM_THREADS="1",
         )
         env.pop("MLFLOW_TRACKING_URI", None)
-        command = [sys.executable, os.path.abspath(__file__), kind, str(out_dir), mlflow_uri or "-", str(world_size)]
-        log = open(os.path.join(out_dir, f"{kind}-rank{rank}.log"), "wb")
+        command = [
+            sys.executable, os.path.abspath(__file__), ",".join(kinds), str(out_dir), mlflow_uri or "-",
+            str(world_size), ports,
+        ]  # fmt: skip
+        log = open(os.path.join(out_dir, f"{name}-rank{rank}.log"), "wb")
         processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + DIST_TIMEOUT_S
+    deadline = time.monotonic() + DIST_TIMEOUT_S * len(kinds)
     try:
         for process, _ in processes:
             process.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -672,14 +685,24 @@ def _launch(kind: str, out_dir, mlflow_uri: str | None, world_size: int = 2) -> 
                 process.kill()
                 process.wait()
             log.close()
-    logs = "\n".join(open(os.path.join(out_dir, f"{kind}-rank{r}.log")).read()[-3000:] for r in range(world_size))
+    logs = "\n".join(open(os.path.join(out_dir, f"{name}-rank{r}.log")).read()[-3000:] for r in range(world_size))
     codes = [p.returncode for p, _ in processes]
     assert codes == [0] * world_size, f"ranks exited with {codes} (a rank blocked or failed):\n{logs}"
-    results = []
-    for rank in range(world_size):
-        with open(os.path.join(out_dir, f"{kind}-{world_size}-rank{rank}.json")) as f:
-            results.append(json.load(f))
+    results: dict[str, list[dict]] = {}
+    for kind in kinds:
+        results[kind] = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"{kind}-{world_size}-rank{rank}.json")) as f:
+                results[kind].append(json.load(f))
     return results
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, mlflow_server):
+    """``(folder, {kind: results by rank})``: the 2-process fits of this module's distributed tests (DDP and
+    FSDP2 logging to the session's MLflow server, the first FSDP2 freezing fit), in one launch."""
+    folder = tmp_path_factory.mktemp("lightning_dist")
+    return folder, _launch(["ddp", "fsdp2", "freeze-first"], folder, mlflow_server)
 
 
 def _single(kind: str, out_dir) -> dict:
@@ -689,11 +712,12 @@ def _single(kind: str, out_dir) -> dict:
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, mlflow_server):
+def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(launched, mlflow_server):
     from mlflow import MlflowClient
 
-    ranks = _launch("ddp", tmp_path, mlflow_server)
-    single = _single("ddp", tmp_path)
+    folder, runs = launched
+    ranks = runs["ddp"]
+    single = _single("ddp", folder)
     for result in ranks:
         assert result["world_size"] == 2
         assert result["tensors"] == single["tensors"]  # replicas counted once: not doubled
@@ -711,13 +735,14 @@ def test_ddp_two_processes_equal_one_process_and_only_rank_zero_logs(tmp_path, m
 
 
 @pytest.mark.distributed
-def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(tmp_path, mlflow_server):
+def test_fsdp2_each_rank_measures_its_shard_and_the_sums_equal_one_process(launched, mlflow_server, tmp_path):
     """FSDP2 (`ModelParallelStrategy` + `fully_shard` on the data-parallel mesh) runs on CPU with gloo.
     (FSDP1, ``strategy="fsdp"``, does not: see the README.)"""
     from mlflow import MlflowClient
 
-    ranks = _launch("fsdp2", tmp_path, mlflow_server)
-    single = _single("fsdp2", tmp_path)
+    folder, runs = launched
+    ranks = runs["fsdp2"]
+    single = _single("fsdp2", folder)
     total = sum(n for n, *_ in single["tensors"].values())
     assert [r["local_numel"] for r in ranks] != [total, total]  # each rank holds a shard ...
     assert sum(r["local_numel"] for r in ranks) == total  # ... and the shards add up to the model
@@ -819,7 +844,7 @@ def _freeze_fit(out_dir: str, devices: int, resume: bool) -> None:
 
 
 @pytest.mark.distributed
-def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
+def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(launched):
     """`ModelParallelStrategy` + FSDP2 with ``freeze_mask="discover"``: each rank freezes its shard of the
     gathered ever-changed mask; frozen elements stay bit-identical through clipping, weight decay and a
     checkpoint resume (Lightning's distributed checkpoint + the callback's mask), and the resumed run ends
@@ -827,8 +852,9 @@ def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
     trainable weights differed by ~lr here although weights and optimizer state came back exactly (the batch
     order Lightning replays after an end-of-epoch checkpoint is the suspect; with one batch it cannot differ).
     """
-    first = _launch("freeze-first", tmp_path, None)
-    resumed = _launch("freeze-resumed", tmp_path, None)
+    folder, runs = launched
+    first = runs["freeze-first"]
+    resumed = _launch(["freeze-resumed"], folder, None)["freeze-resumed"]  # fresh processes, from the checkpoint
     for result in first:
         assert result["freeze_source"] == "discover@2"
         assert [step for step, _ in result["checks"]] == [3, 4, 5, 6] and all(ok for _, ok in result["checks"])
@@ -839,8 +865,8 @@ def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
         assert result["frozen_fraction"] == first[0]["frozen_fraction"]
     total = sum(p.numel() for p in tiny_llama().parameters())
     assert [r["mask_count"] for r in first] == [r["mask_count"] for r in resumed] and first[0]["mask_count"] < total
-    end, again = torch.load(tmp_path / "final-first.pt"), torch.load(tmp_path / "final-resumed.pt")
-    frozen_at, mask = torch.load(tmp_path / "frozen_at.pt"), torch.load(tmp_path / "mask.pt")
+    end, again = torch.load(folder / "final-first.pt"), torch.load(folder / "final-resumed.pt")
+    frozen_at, mask = torch.load(folder / "frozen_at.pt"), torch.load(folder / "mask.pt")
     for name, value in end.items():
         frozen = ~mask[name]
         assert torch.equal(value[frozen].view(torch.int32), frozen_at[name][frozen].view(torch.int32)), name
@@ -849,9 +875,11 @@ def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(tmp_path):
     assert [n for n in end if not torch.equal(end[n].view(torch.int32), again[n].view(torch.int32))] == []
 
 
-if __name__ == "__main__":  # one rank of a distributed test: python tests/test_lightning.py KIND OUT URI WORLD
-    _kind, _out, _uri, _world = sys.argv[1:5]
-    if _kind.startswith("freeze-"):
-        _freeze_fit(_out, int(_world), resume=_kind == "freeze-resumed")
-    else:
-        _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))
+if __name__ == "__main__":  # ranks of distributed tests: python tests/test_lightning.py KINDS OUT URI WORLD PORTS
+    _kinds, _out, _uri, _world, _ports = sys.argv[1:6]
+    for _kind, _port in zip(_kinds.split(","), _ports.split(","), strict=True):
+        os.environ["MASTER_PORT"] = _port  # a process group of its own per fit
+        if _kind.startswith("freeze-"):
+            _freeze_fit(_out, int(_world), resume=_kind == "freeze-resumed")
+        else:
+            _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))

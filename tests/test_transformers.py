@@ -549,10 +549,15 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
                 # flight would sit in MLflow's own HTTP retries instead of reporting an outage)
                 assert callback._session.sink.flush(timeout=60)
                 server.stop()
-            elif state.global_step == 5:
-                time.sleep(3)  # let the sink's worker find the server gone
+            elif state.global_step == 5:  # let the sink's worker find the server gone: it warns when it has
+                deadline = time.monotonic() + 30
+                while not _unreachable(caught) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             elif state.global_step == 6:
                 server.start()
+
+    def _unreachable(records) -> bool:
+        return any(issubclass(w.category, MLflowSinkWarning) and "unreachable" in str(w.message) for w in records)
 
     model = tiny_llama()
     initial = _trainable(model)
@@ -570,9 +575,7 @@ def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, mo
         mlflow.set_tracking_uri(old_uri)
         fluent._active_experiment_id = old_experiment
 
-    assert any(issubclass(w.category, MLflowSinkWarning) and "unreachable" in str(w.message) for w in caught), [
-        str(w.message) for w in caught if issubclass(w.category, MLflowSinkWarning)
-    ]
+    assert _unreachable(caught), [str(w.message) for w in caught if issubclass(w.category, MLflowSinkWarning)]
     assert not any("could not be delivered" in str(w.message) for w in caught), [str(w.message) for w in caught]
     client = MlflowClient(server.uri)
     runs = _all_runs(client)
