@@ -119,6 +119,67 @@ def _fresh_run_replaceable(fresh_run_id: str, saved: dict[str, Any] | None, uri:
         return False
 
 
+class _ArtifactWriter:
+    """The train-end artifact files of one measurement, written into a temporary folder: ``files`` is a list
+    of ``(file name, function writing that file to a path)`` whose data were captured when it was built.
+
+    `start` writes them on a background thread (the session starts it at the last training step, so the
+    plots are drawn while the trainer does its own end work, e.g. HF's final checkpoint save); `log` hands
+    the written files to the sink (the sink stages its own link to each, so the folder then goes)."""
+
+    def __init__(self, measurement: Measurement, files: list[tuple[str, Callable[[str], None]]]) -> None:
+        self.measurement = measurement
+        self._files = files
+        self._folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
+        self._written: list[str] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, after: threading.Thread | None) -> None:
+        """Write the files on a background thread, once ``after`` (the plots' warm-up) has finished."""
+
+        def write_all() -> None:
+            if after is not None:
+                after.join()
+            try:
+                self._write(None)
+            except BaseException as err:  # reported on the training thread by `log`
+                self._error = err
+
+        self._thread = threading.Thread(target=write_all, name="sparsity-artifacts")
+        self._thread.start()
+
+    def log(self, sink: MLflowSink) -> None:
+        """Queue every file with ``sink`` (under ``sparsity/``): each as soon as it is written when `start`
+        was not called (the worker uploads the mask and report while the plots are drawn), else once the
+        background thread is done. Re-raises what writing raised; the folder is removed either way."""
+        try:
+            if self._thread is None:
+                self._write(sink)
+                return
+            self._thread.join()
+            for name in self._written:
+                sink.log_artifact(os.path.join(self._folder, name), "sparsity")
+            if self._error is not None:
+                raise self._error
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Wait for the background thread, if any, and remove the folder."""
+        if self._thread is not None:
+            self._thread.join()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _write(self, sink: MLflowSink | None) -> None:
+        for name, write in self._files:
+            path = os.path.join(self._folder, name)
+            write(path)
+            self._written.append(name)
+            if sink is not None:
+                sink.log_artifact(path, "sparsity")
+
+
 class _SessionViews:
     """The read-only attributes every framework adapter exposes, the same on each (the adapter keeps its
     session in ``_session``). All are None before training starts."""
@@ -199,6 +260,8 @@ class _SparsitySession:
         self.sink: MLflowSink | None = None
         self.logged_run_id: str | None = None  # the run the sink logged into, set when it closes
         self._plots_warm_up: threading.Thread | None = None
+        self._artifacts: _ArtifactWriter | None = None  # started at the last step, logged by `end`
+        self._artifacts_for: Measurement | None = None  # whose mask every rank gathered at the last step
 
     # --- events ----------------------------------------------------------------------------------
     def start(self, model: torch.nn.Module, optimizers: list[Any], step: int, resume_dir: str | None = None) -> None:
@@ -255,6 +318,10 @@ class _SparsitySession:
             measurement = self._measure(step)
         if discover:
             self._freeze(self._resolve_mask(), source=f"discover@{step}", step=step)
+        if last and measurement is not None:
+            self._artifacts_for, self._artifacts = measurement, self._artifact_writer(measurement)
+            if self._artifacts is not None:
+                self._artifacts.start(after=self._plots_warm_up)
         self._plan(step)
         return measurement
 
@@ -284,18 +351,24 @@ class _SparsitySession:
                 json.dump(saved, handle)
 
     def end(self, step: int) -> Measurement | None:
-        """Train end: a final measurement (unless this step was just measured), artifacts, flush."""
+        """Train end: a final measurement (unless this step was just measured), artifacts (written since the
+        last step when that step was measured with ``last=True``, else now), flush."""
         if self.tracker is None:
             return None
         measurement = self.last_measurement
         if measurement is None or measurement.step != step:
             measurement = self._measure(step)
-        if self.config.log_artifacts and self.config.log_to_mlflow:
-            # Every rank: gathering a sharded mask is a collective. Only rank 0 (with a sink) logs it.
-            mask = self.tracker.ever_changed_mask()
-        if self.sink is not None and self.config.log_artifacts:
+        artifacts, self._artifacts = self._artifacts, None
+        prepared_for, self._artifacts_for = self._artifacts_for, None
+        if prepared_for is not measurement:  # the same decision on every rank: the mask gather is a collective
+            if artifacts is not None:
+                artifacts.discard()  # written for a measurement that is not the final one
+            artifacts = self._artifact_writer(measurement)
+            if self._plots_warm_up is not None:
+                self._plots_warm_up.join()  # the files are written here, on this thread
+        if self.sink is not None and artifacts is not None:
             try:
-                self._log_artifacts(measurement, mask)
+                artifacts.log(self.sink)
             except Exception as err:  # plots or disk trouble must not fail the end of training
                 warnings.warn(f"Could not write the sparsity artifacts: {type(err).__name__}: {err}", stacklevel=2)
         self._announce_charts()
@@ -303,6 +376,9 @@ class _SparsitySession:
         return measurement
 
     def close(self) -> None:
+        artifacts, self._artifacts, self._artifacts_for = self._artifacts, None, None
+        if artifacts is not None:  # started at the last step, but training ended without `end`
+            artifacts.discard()
         if self.freezer is not None:
             # A compact optimizer state stays compact: expanding it now would allocate the full state at the end
             # of a run sized for the compact one. A later train() with this callback attaches a freezer again.
@@ -449,43 +525,41 @@ class _SparsitySession:
         if self.freezer is not None:
             self._log_metrics({f"{PREFIX}optimizer_state_bytes": float(self.freezer.optimizer_state_bytes)}, step)
 
-    def _log_artifacts(self, measurement: Measurement, mask: Mask) -> None:
-        """Write and queue the artifacts, each as soon as it is written (the sink's worker uploads the mask and
-        report while the plots are drawn); the sink stages its own link to each file, so the folder goes."""
-        folder = tempfile.mkdtemp(prefix="sparsity_artifacts_")
-        try:
-            self._write_artifacts(measurement, mask, folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _write_artifacts(self, measurement: Measurement, mask: Mask, folder: str) -> None:
+    def _artifact_writer(self, measurement: Measurement) -> _ArtifactWriter | None:
+        """The train-end artifacts of ``measurement`` (mask, freeze mask, ``report.json``, heatmap and curves
+        PNGs), their data captured now; None when they are not logged. Gathers the ever-changed mask on
+        every rank (a collective for sharded parameters); only rank 0 (with a sink) gets a writer."""
+        if not (self.config.log_artifacts and self.config.log_to_mlflow):
+            return None
+        mask = self.tracker.ever_changed_mask()
+        if self.sink is None:
+            return None
         from sparsity_callbacks.plots import save_curves, save_heatmap
 
-        def log(name: str) -> None:
-            self.sink.log_artifact(os.path.join(folder, name), "sparsity")
-
-        mask.save(os.path.join(folder, "mask.safetensors"))
-        log("mask.safetensors")
+        history = [dict(point) for point in self.tracker.history]
         report = measurement.to_dict()
         report.update(
             {
                 "mode_reason": self.tracker.mode_reason,
-                "history": self.tracker.history,
+                "history": history,
                 "config": self.config.to_dict(),
                 "freeze_source": self.freeze_source,
             }
         )
+
+        def write_report(path: str) -> None:
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+
+        cells = {key: counts.changed / counts.numel for key, counts in measurement.by_layer_and_module().items()}
+        title = f"changed fraction at step {measurement.step}"
+        files: list[tuple[str, Callable[[str], None]]] = [("mask.safetensors", mask.save)]
         if self.freezer is not None:
             report["frozen_fraction"] = self.freezer.frozen_fraction
-            self._freeze_mask.save(os.path.join(folder, "freeze_mask.safetensors"))
-            log("freeze_mask.safetensors")
-        with open(os.path.join(folder, "report.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        log("report.json")
-        if self._plots_warm_up is not None:
-            self._plots_warm_up.join()
-        cells = {key: counts.changed / counts.numel for key, counts in measurement.by_layer_and_module().items()}
-        save_heatmap(cells, os.path.join(folder, "heatmap.png"), title=f"changed fraction at step {measurement.step}")
-        log("heatmap.png")
-        save_curves(self.tracker.history, os.path.join(folder, "curves.png"), title="sparsity")
-        log("curves.png")
+            files.append(("freeze_mask.safetensors", self._freeze_mask.save))
+        files += [
+            ("report.json", write_report),
+            ("heatmap.png", lambda path: save_heatmap(cells, path, title=title)),
+            ("curves.png", lambda path: save_curves(history, path, title="sparsity")),
+        ]
+        return _ArtifactWriter(measurement, files)

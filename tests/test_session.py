@@ -167,3 +167,29 @@ def test_plots_warm_up_during_training_and_every_artifact_is_logged(mlflow_local
         "sparsity/heatmap.png",
         "sparsity/curves.png",
     }
+
+
+@pytest.mark.slow
+def test_artifacts_started_at_the_last_step_are_redone_when_training_ends_at_another_step(mlflow_local, tmp_path):
+    """The artifacts started in the background at a step called ``last`` are replaced when the end comes at
+    a later step (its final measurement is another): the logged report is the final one."""
+    import json
+
+    from mlflow import MlflowClient
+
+    model = _model()
+    session = _SparsitySession(SparsityConfig(), is_rank_zero=True, default_every_n_steps=2)
+    session.start(model, [], 0)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model[0].weight[step, 0] += 1.0
+        session.on_optimizer_step(step, last=step == 4)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    session.end(5)
+    local = MlflowClient().download_artifacts(session.logged_run_id, "sparsity", str(tmp_path / "artifacts"))
+    with open(f"{local}/report.json") as f:
+        report = json.load(f)
+    assert report["step"] == 5 and [point["step"] for point in report["history"]] == [2, 4, 5]
+    assert report["changed"] == 5  # 4 elements by step 4, one more after it
+    assert not [t for t in threading.enumerate() if t.name == "sparsity-artifacts"]  # the discarded writer ended

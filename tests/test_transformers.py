@@ -719,3 +719,35 @@ def test_two_sparsity_callbacks_logging_to_mlflow_are_refused(tmp_path):
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=callbacks)
     with pytest.raises(ValueError, match=r"2 SparsityCallbacks that log to MLflow are attached to one trainer"):
         trainer.train()
+
+
+def test_train_end_artifacts_are_written_while_the_trainer_saves_its_final_checkpoint(
+    mlflow_local, tmp_path, monkeypatch
+):
+    """At the last step the callback starts writing the mask, report and plots on a background thread, so they
+    overlap what the Trainer does before its train-end event (here its final checkpoint save); train end only
+    queues them. Every artifact reaches MLflow and describes the final step."""
+    import threading
+
+    from sparsity_callbacks import plots
+
+    threads: list[str] = []
+    save_heatmap = plots.save_heatmap
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return save_heatmap(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "save_heatmap", recording)
+    callback = SparsityCallback(every_n_steps=2)
+    args = _args(tmp_path / "out", max_steps=5, save_strategy="steps", save_steps=100)
+    Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[callback]).train()
+    assert threads == ["sparsity-artifacts"]
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-5" / TRACKER_FILE)  # the final checkpoint, meanwhile
+    client = MlflowClient(mlflow_local)
+    assert _artifact_paths(client, callback.run_id) == ARTIFACTS
+    local = client.download_artifacts(callback.run_id, "sparsity", str(tmp_path / "downloaded"))
+    with open(os.path.join(local, "report.json")) as f:
+        report = json.load(f)
+    assert report["step"] == 5 and [point["step"] for point in report["history"]] == [2, 4, 5]
+    assert report["changed_fraction"] == callback.last_measurement.changed_fraction
