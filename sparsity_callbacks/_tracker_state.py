@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sparsity_callbacks.reference import _FINGERPRINT_DTYPES, _new_host_buffer, _padded, _repack
+from sparsity_callbacks.reference import (
+    _FINGERPRINT_DTYPES,
+    _elements_to_words,
+    _new_host_buffer,
+    _padded,
+    _repack,
+    _words_to_elements,
+)
 
 if TYPE_CHECKING:
     from sparsity_callbacks.tracker import SparsityTracker
@@ -24,7 +31,8 @@ _STATE_VERSION = 1
 @dataclass
 class _TensorState:
     """Per tracked tensor: reference (host values or device fingerprints), previous fingerprint,
-    planar-packed ever-changed bits. All flat, padded to a multiple of 8."""
+    planar-packed ever-changed bits. All flat, padded to a multiple of 8 elements; fingerprints are packed
+    into int32 words per chunk (`reference._fingerprint_words`), saved one per element."""
 
     numel: int
     shape: tuple[int, ...]
@@ -57,13 +65,18 @@ def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
         },
     }
     tensors = {}
+    chunk, bits = tracker._chunk, tracker.config.fingerprint_bits
+
+    def per_element(words: torch.Tensor) -> torch.Tensor:  # the chunk-independent form of a fingerprint
+        return _words_to_elements(words.detach(), chunk, bits).cpu()
+
     for name, s in tracker._states.items():
-        tensors[f"reference/{name}"] = s.reference.detach().cpu()
+        tensors[f"reference/{name}"] = s.reference.detach().cpu() if tracker.mode == "exact" else per_element(s.reference)
         tensors[f"ever/{name}"] = s.ever.detach().cpu()
         if s.previous is not None:
-            tensors[f"previous/{name}"] = s.previous.detach().cpu()
+            tensors[f"previous/{name}"] = per_element(s.previous)
         if s.native is not None:
-            tensors[f"native/{name}"] = s.native.detach().cpu()
+            tensors[f"native/{name}"] = per_element(s.native)
     return {"meta": json.dumps(meta), "tensors": tensors}
 
 
@@ -139,6 +152,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             )
     tracker.mode = mode  # before allocating: `_reference_path` needs it (memory-mapped exact reference)
     tracker._choose_compile()
+    chunk, bits = tracker._chunk, tracker.config.fingerprint_bits
     states = {}
     for tracked in tracker._tracked:
         info = saved[tracked.name]
@@ -155,12 +169,14 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
             host.copy_(reference)
             reference = host
         else:
-            reference = reference.to(device)
+            reference = _elements_to_words(reference, chunk, bits).to(device)
         if previous is not None:
-            previous = previous.to(device)
+            previous = _elements_to_words(previous, chunk, bits).to(device)
         native = tensors.get(f"native/{tracked.name}")
         if native is not None and (native.numel() != padded or native.dtype != fp_dtype):
             native = None  # not this config's fingerprints: the native count is not reported after resume
+        if native is not None:
+            native = _elements_to_words(native, chunk, bits)
         states[tracked.name] = _TensorState(
             numel=info["numel"],
             shape=tuple(info["shape"]),
@@ -182,9 +198,7 @@ def _load_state_dict(tracker: SparsityTracker, state: dict[str, Any]) -> None:
     tracker.last_measurement = None
     if tracker.config.track_churn and not all(s.previous is not None for s in states.values()):
         for s in states.values():
-            s.previous = torch.zeros(
-                s.ever.numel() * 8, dtype=_FINGERPRINT_DTYPES[tracker.config.fingerprint_bits], device=s.ever.device
-            )
+            s.previous = torch.zeros(s.ever.numel() * 8 * bits // 32, dtype=torch.int32, device=s.ever.device)
         tracker._has_previous = False
 
 

@@ -43,6 +43,8 @@ from sparsity_callbacks._rules import (
 _log = logging.getLogger("sparsity_callbacks")
 
 _MODULI = {8: 255, 16: 65535}
+#: Per-element fingerprint dtype of saved tracker states (`_words_to_elements`); in memory, fingerprints are
+#: packed into int32 words (`_fingerprint_words`).
 _FINGERPRINT_DTYPES = {8: torch.uint8, 16: torch.int16}
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
@@ -52,9 +54,9 @@ def _miss_probability(bits: int) -> float:
     return 1.0 / _MODULI[bits]
 
 
-def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-element fingerprint, same shape: (raw bits as an unsigned integer) mod ``2**bits - 1``, as
-    uint8 (k=8) or int16 (k=16, offset by -32768)."""
+def _residue(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-element fingerprint value, same shape: (raw bits as an unsigned integer) mod ``2**bits - 1``,
+    in ``[0, 2**bits - 2]``, as an integer tensor (int32, or int64 for eager 32/64-bit input)."""
     modulus = _MODULI[bits]
     x = _as_bits(values)
     width = 8 * values.element_size()
@@ -67,19 +69,74 @@ def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
             r = r + ((x >> shift) & modulus)
         r = (r & modulus) + (r >> bits)
         r = (r & modulus) + (r >> bits)
-        r = torch.where(r == modulus, 0, r)
-    elif width < 64:
+        return torch.where(r >= modulus, r - modulus, r).to(torch.int32)
+    if width < 64:
         # The unsigned value in a wider integer, then one remainder: in [0, m - 1] directly (measured
         # 1.6x faster than the signed remainder with its two corrections).
         wide = torch.int64 if width == 32 else torch.int32
-        r = torch.remainder(x.to(wide) & ((1 << width) - 1), modulus)
-    else:
-        # A signed x stands for x + 2**64, and 2**64 = 1 (mod m).
-        r = torch.remainder(x, modulus) + (x < 0)
-        r = torch.where(r == modulus, 0, r)
+        return torch.remainder(x.to(wide) & ((1 << width) - 1), modulus)
+    # A signed x stands for x + 2**64, and 2**64 = 1 (mod m).
+    r = torch.remainder(x, modulus) + (x < 0)
+    return torch.where(r == modulus, 0, r)
+
+
+def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-element fingerprint (`_residue`) as stored in tracker state files: uint8 (k=8) or int16 (k=16,
+    offset by -32768)."""
+    r = _residue(values, bits)
     if bits == 8:
         return r.to(torch.uint8)
     return (r - 32768).to(torch.int16)
+
+
+def _words_per_row(bits: int) -> int:
+    """Fingerprints per int32 word: 4 (k=8) or 2 (k=16)."""
+    return 32 // bits
+
+
+def _field(words: torch.Tensor, row: int, bits: int) -> torch.Tensor:
+    """Fingerprints of planar row ``row`` (of 8) from a ``(8 // per, m)`` int32 word block."""
+    per = _words_per_row(bits)
+    return (words[row // per] >> (bits * (row % per))) & _MODULI[bits]
+
+
+def _pack_words(rows: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """8 rows of ``m`` fingerprints (int32) -> ``(8 // per, m)`` int32 words: word ``[h, j]`` holds the
+    fingerprints of elements ``(per * h + q) * m + j`` in its bits ``[bits * q, bits * (q + 1))``."""
+    per = _words_per_row(bits)
+    words = []
+    for h in range(8 // per):
+        word = rows[per * h]
+        for q in range(1, per):
+            word = word | (rows[per * h + q] << (bits * q))
+        words.append(word)
+    return torch.stack(words)
+
+
+def _fingerprint_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fingerprints of a chunk of ``8 * m`` values, packed planar into ``8 * m * bits / 32`` int32 words (the
+    layout the kernel reads and writes: one narrowing conversion fewer per element, measured ~1.4x faster)."""
+    rows = _residue(values, bits).to(torch.int32).view(8, -1)
+    return _pack_words(list(rows), bits).reshape(-1)
+
+
+def _words_to_elements(words: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
+    """Word-packed fingerprints of a whole flat tensor (chunks of ``chunk`` elements) -> one per element,
+    in element order, as `_fingerprint` gives them (the portable form saved in tracker state files)."""
+    ratio = 32 // bits
+    pieces = []
+    for start in range(0, words.numel(), chunk // ratio):
+        block = words[start : start + chunk // ratio].view(8 // ratio, -1)
+        rows = torch.stack([_field(block, k, bits) for k in range(8)]).reshape(-1)
+        pieces.append(rows.to(torch.uint8) if bits == 8 else (rows - 32768).to(torch.int16))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=_FINGERPRINT_DTYPES[bits], device=words.device)
+
+
+def _elements_to_words(elements: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
+    """Inverse of `_words_to_elements`: per-element fingerprints -> word-packed, for chunks of ``chunk``."""
+    values = elements.to(torch.int32) if bits == 8 else elements.to(torch.int32) + 32768
+    pieces = [_pack_words(list(values[i : i + chunk].view(8, -1)), bits).reshape(-1) for i in range(0, values.numel(), chunk)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=elements.device)
 
 
 def _pack_planar(flags: torch.Tensor) -> torch.Tensor:
@@ -99,10 +156,18 @@ def _planar_to_bool(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.view(1, -1) >> _SHIFTS_CACHE[device]) & 1).reshape(-1).bool()
 
 
+def _pop32(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each element of an int32 tensor holding a byte (0..255): SWAR, int32 throughout."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
 def _kernel(
     current: torch.Tensor,
     reference: torch.Tensor,
     previous: torch.Tensor | None,
+    native: torch.Tensor | None,
     ever: torch.Tensor,
     *,
     compare_dtype: torch.dtype,
@@ -111,45 +176,95 @@ def _kernel(
     atol: float,
     update: bool,
     stored_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of ``8 * m`` elements, one pass: the values as stored (``current``, any float dtype) are
     converted to ``compare_dtype`` and compared with the reference by `_rules` (or through their
     fingerprint in fingerprint mode), fingerprinted for churn, and counted.
+
+    ``reference``: ``8 * m`` values in ``compare_dtype`` (exact mode) or word-packed fingerprints
+    (`_fingerprint_words`; fingerprint mode). ``previous``: word-packed fingerprints of the previous
+    measurement (churn), or None. ``native``: word-packed fingerprints of the reference in the parameters'
+    own dtype (with a ``compare_dtype`` that differs from it), or None. ``ever``: ``m`` packed bytes.
 
     ``stored_dtype``: ``current`` (and an exact ``reference``) are the raw bits (integer views) of values
     stored in ``stored_dtype`` == ``compare_dtype``, with ``atol == 0``: rule 2 compares bits, so nothing
     needs the float values, and compiled code then has no float-to-int bitcast in its loop (measured
     1.6x faster on CPU).
 
-    Returns ``(changed, churn, stats)``: packed changed bits (``m`` bytes), packed churn bits or None,
-    and int64 ``stats`` = [changed, some element NaN/inf (0/1), churn, ever-changed] counts of the chunk.
-    With ``update`` it also ORs changed into ``ever`` and stores the fingerprint in ``previous`` (in place).
+    The chunk is processed as 8 planar rows of ``m`` (element ``b * m + j`` is row ``b``, column ``j``), so
+    every output is an elementwise function of the column: compiled, one loop over ``m`` with flags, counts
+    and words in int32 lanes (no per-element narrowing conversion); eager, whole-row tensor ops.
+
+    Returns ``(changed, stats)``: packed changed bits (``m`` bytes) and int64 ``stats`` = [changed, some
+    element NaN/inf (0/1), churn, ever-changed, changed in the own dtype] counts of the chunk. With
+    ``update`` it also ORs changed into ``ever`` and stores the new fingerprints in ``previous`` (in place).
     """
+    compiling = torch.compiler.is_compiling()
+    m = ever.shape[0]
     values = current if stored_dtype is not None else _to_compare(current, compare_dtype)
-    fingerprint = _fingerprint(values, bits) if (fingerprint_reference or previous is not None) else None
-    if fingerprint_reference:
-        assert fingerprint is not None
-        changed = _pack_planar(fingerprint != reference)
-    else:
-        changed = _pack_planar(_changed(values, reference, atol))
-    churn = None
-    churn_count = changed.new_zeros((), dtype=torch.int64)
-    if previous is not None:
-        assert fingerprint is not None
-        churn = _pack_planar(fingerprint != previous)
-        churn_count = _popcount(churn)
+    rows = values.view(8, m)
+    fingerprints = None  # eager: all 8 rows at once
+    if (fingerprint_reference or previous is not None) and not compiling:
+        fingerprints = _residue(values, bits).to(torch.int32).view(8, m)
+    own = _residue(current, bits).to(torch.int32).view(8, m) if native is not None and not compiling else None
+    words_shape = (8 * bits // 32, m)
+    flag = torch.int32 if compiling else torch.uint8
+    packed = changed_count = churn_count = native_count = None
+    new_rows = []
+    for k in range(8):
+        fingerprint = None
+        if fingerprints is not None or (compiling and (fingerprint_reference or previous is not None)):
+            fingerprint = fingerprints[k] if fingerprints is not None else _residue(rows[k], bits)
+            new_rows.append(fingerprint)
+        if fingerprint_reference:
+            changed = fingerprint != _field(reference.view(words_shape), k, bits)
+        else:
+            changed = _changed(rows[k], reference.view(8, m)[k], atol)
+        bit = changed.to(flag) << k
+        packed = bit if packed is None else packed | bit
+        counts = [changed]
+        if previous is not None:
+            counts.append(fingerprint != _field(previous.view(words_shape), k, bits))
+        if native is not None:
+            own_row = own[k] if own is not None else _residue(current.view(8, m)[k], bits)
+            counts.append(own_row != _field(native.view(words_shape), k, bits))
+        # compiled: int32 lanes summed once at the end; eager: one reduction per row
+        row_counts = [c.to(torch.int32) if compiling else c.sum() for c in counts]
+        changed_count = row_counts[0] if changed_count is None else changed_count + row_counts[0]
+        if previous is not None:
+            churn_count = row_counts[1] if churn_count is None else churn_count + row_counts[1]
+        if native is not None:
+            native_count = row_counts[-1] if native_count is None else native_count + row_counts[-1]
+    zero = ever.new_zeros((), dtype=torch.int64)
+    if compiling:
+        merged = ever.to(torch.int32) | packed
+        ever_count = _pop32(merged).sum()
         if update:
-            previous.copy_(fingerprint)
-    if update:
-        ever.bitwise_or_(changed)
+            ever.copy_(merged.to(torch.uint8))
+        changed_out = packed.to(torch.uint8)
+    else:
+        changed_out = packed
+        if update:
+            ever.bitwise_or_(packed)
+        ever_count = _popcount(ever)
+    if update and previous is not None:
+        previous.view(words_shape).copy_(_pack_words(new_rows, bits))
     if stored_dtype is None:
         nonfinite = _any_nonfinite(current)
-    elif torch.compiler.is_compiling():
+    elif compiling:
         nonfinite = _any_nonfinite_bits(current, stored_dtype)
     else:
         nonfinite = _any_nonfinite(current.view(stored_dtype))  # eager: a view is free, a sum one pass
-    stats = torch.stack([_popcount(changed), nonfinite.to(torch.int64), churn_count, _popcount(ever)])
-    return changed, churn, stats
+    stats = torch.stack(
+        [
+            changed_count.sum().to(torch.int64),
+            nonfinite.to(torch.int64),
+            zero if churn_count is None else churn_count.sum().to(torch.int64),
+            ever_count.to(torch.int64),
+            zero if native_count is None else native_count.sum().to(torch.int64),
+        ]
+    )
+    return changed_out, stats
 
 
 @functools.cache

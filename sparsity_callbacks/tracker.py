@@ -38,11 +38,10 @@ from sparsity_callbacks.params import (
     _TrackedTensor,
 )
 from sparsity_callbacks.reference import (
-    _FINGERPRINT_DTYPES,
     _bits_input,
     _chunks,
     _compiled_kernel,
-    _fingerprint,
+    _fingerprint_words,
     _flat_chunk,
     _KernelRunner,
     _miss_probability,
@@ -189,25 +188,19 @@ class SparsityTracker:
         began = time.perf_counter()
         stats: dict[torch.device, list[torch.Tensor]] = {}
         owners: dict[torch.device, list[int]] = {}
-        native: dict[torch.device, list[torch.Tensor]] = {}
-        native_owners: dict[torch.device, list[int]] = {}
         for index, tracked in enumerate(self._tracked):
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
             for start, end in _chunks(state.ever.numel() * 8, self._chunk):
-                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[2])
+                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[1])
                 owners.setdefault(flat.device, []).append(index)
-                if state.native is not None:  # one extra fingerprint comparison, only with a compare dtype
-                    own = _fingerprint(_flat_chunk(flat, start, end, flat.dtype), self.config.fingerprint_bits)
-                    native.setdefault(flat.device, []).append((own != state.native[start:end]).sum())
-                    native_owners.setdefault(flat.device, []).append(index)
         # Per tensor: changed, NaN/inf flag, churn, ever-changed (summed over its chunks), local numel, and
         # changed in the parameters' own dtype (with a compare dtype).
-        totals = torch.zeros(len(self._tracked), 6, dtype=torch.int64)
+        counts = torch.zeros(len(self._tracked), 5, dtype=torch.int64)
         for device, rows in stats.items():  # one sync per device
-            totals[:, :4].index_add_(0, torch.tensor(owners[device]), torch.stack(rows).cpu())
-        for device, counts in native.items():
-            totals[:, 5].index_add_(0, torch.tensor(native_owners[device]), torch.stack(counts).cpu())
+            counts.index_add_(0, torch.tensor(owners[device]), torch.stack(rows).cpu())
+        totals = torch.zeros(len(self._tracked), 6, dtype=torch.int64)
+        totals[:, :4], totals[:, 5] = counts[:, :4], counts[:, 4]
         totals[:, 1].clamp_(max=1)
         totals[:, 4] = torch.tensor([s.numel for s in self._states.values()], dtype=torch.int64)
         if not self._kernel.compiled:
@@ -346,15 +339,17 @@ class SparsityTracker:
             current = tracked.local()
             device = current.device
             previous = state.previous if self.config.track_churn else None
-            key = (current.dtype, state.dtype, state.reference.dtype, device, previous is None)
+            key = (current.dtype, state.dtype, state.reference.dtype, device, previous is None, state.native is None)
             if key in seen:
                 continue
             seen.add(key)
             n = 4096
+            words = n * self.config.fingerprint_bits // 32
             args, options = self._kernel_inputs(
                 torch.zeros(n, dtype=current.dtype, device=device),
-                torch.zeros(n, dtype=state.reference.dtype, device=device),
-                None if previous is None else torch.zeros(n, dtype=previous.dtype, device=device),
+                torch.zeros(n if self.mode == "exact" else words, dtype=state.reference.dtype, device=device),
+                None if previous is None else torch.zeros(words, dtype=torch.int32, device=device),
+                None if state.native is None else torch.zeros(words, dtype=torch.int32, device=device),
                 torch.zeros(n // 8, dtype=torch.uint8, device=device),
                 state,
                 update=True,
@@ -435,35 +430,35 @@ class SparsityTracker:
         local = tracked.local().detach()
         flat = local.reshape(-1)
         dtype = self._compare_dtype(tracked)
-        native = None
-        if dtype != flat.dtype:  # compare_dtype set: also a fingerprint of the own-dtype values
-            native = torch.empty(_padded(flat.numel()), dtype=_FINGERPRINT_DTYPES[self.config.fingerprint_bits])
-            native = native.to(flat.device)
-        representable = flat.numel()
         padded = _padded(flat.numel())
         bits = self.config.fingerprint_bits
-        fp_dtype = _FINGERPRINT_DTYPES[bits]
+        words = padded * bits // 32  # fingerprints are packed into int32 words (`_fingerprint_words`)
+        native = None
+        if dtype != flat.dtype:  # compare_dtype set: also a fingerprint of the own-dtype values
+            native = torch.empty(words, dtype=torch.int32, device=flat.device)
+        representable = flat.numel()
         ever = torch.zeros(padded // 8, dtype=torch.uint8, device=flat.device)
-        previous = torch.empty(padded, dtype=fp_dtype, device=flat.device) if self.config.track_churn else None
+        previous = torch.empty(words, dtype=torch.int32, device=flat.device) if self.config.track_churn else None
         if self.mode == "exact":
             pin = flat.device.type == "cuda"
             reference = _new_host_buffer(padded, dtype, pin, self._reference_path(tracked.name))
         else:
-            reference = torch.empty(padded, dtype=fp_dtype, device=flat.device)
+            reference = torch.empty(words, dtype=torch.int32, device=flat.device)
         nonfinite = _count_nonfinite(flat)
         for start, end in _chunks(padded, self._chunk):
             values = _flat_chunk(flat, start, end, dtype)
+            at = slice(start * bits // 32, end * bits // 32)
             if self.mode == "exact":
                 reference[start:end].copy_(values, non_blocking=True)
             if previous is not None or self.mode != "exact":
-                fingerprint = _fingerprint(values, bits)
+                fingerprint = _fingerprint_words(values, bits)
                 if self.mode != "exact":
-                    reference[start:end] = fingerprint
+                    reference[at] = fingerprint
                 if previous is not None:
-                    previous[start:end] = fingerprint
+                    previous[at] = fingerprint
             if native is not None:
                 own = _flat_chunk(flat, start, end, flat.dtype)
-                native[start:end] = _fingerprint(own, bits)
+                native[at] = _fingerprint_words(own, bits)
                 representable -= int((~_representable(own[: max(0, min(end, flat.numel()) - start)], dtype)).sum())
         if flat.device.type == "cuda":
             torch.cuda.synchronize(flat.device)
@@ -481,15 +476,18 @@ class SparsityTracker:
 
     def _run_chunk(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
         current = _flat_chunk(flat, start, end, flat.dtype)  # as stored: the kernel converts (one pass)
-        reference = state.reference[start:end]
+        bits = self.config.fingerprint_bits
+        words = slice(start * bits // 32, end * bits // 32)
+        reference = state.reference[start:end] if self.mode == "exact" else state.reference[words]
         if self.mode == "exact" and reference.device != current.device:
             reference = reference.to(current.device, non_blocking=True)
-        previous = state.previous[start:end] if (state.previous is not None and self.config.track_churn) else None
+        previous = state.previous[words] if (state.previous is not None and self.config.track_churn) else None
+        native = None if state.native is None else state.native[words]
         ever = state.ever[start // 8 : end // 8]
-        args, options = self._kernel_inputs(current, reference, previous, ever, state, update=update)
+        args, options = self._kernel_inputs(current, reference, previous, native, ever, state, update=update)
         return self._kernel(*args, **options)
 
-    def _kernel_inputs(self, current, reference, previous, ever, state: _TensorState, *, update: bool):
+    def _kernel_inputs(self, current, reference, previous, native, ever, state: _TensorState, *, update: bool):
         """``(args, kwargs)`` of `_kernel` for one chunk: raw bits when no conversion or atol is involved."""
         options = self._kernel_options(state, update=update)
         if _bits_input(current.dtype, state.dtype, options["atol"]):
@@ -497,7 +495,7 @@ class SparsityTracker:
             current = _as_bits(current)
             if self.mode == "exact":
                 reference = _as_bits(reference)
-        return (current, reference, previous, ever), options
+        return (current, reference, previous, native, ever), options
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
         """The tracked parameters as they are now, by name; raises when the model changed shape, warns

@@ -11,10 +11,13 @@ from sparsity_callbacks import SparsityTracker
 from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
     _compiled_kernel,
+    _elements_to_words,
     _fingerprint,
+    _fingerprint_words,
     _kernel,
     _KernelRunner,
     _planar_to_bool,
+    _words_to_elements,
 )
 
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -70,18 +73,21 @@ def _run(kernel, cur, ref, compare_dtype, mode, atol, bits_input=False):
     n = (cur.numel() + 7) // 8 * 8
     pad = n - cur.numel()
     cur = torch.cat([cur, cur.new_zeros(pad)])
-    ref_values = torch.cat([_to_compare(ref, compare_dtype), torch.zeros(pad, dtype=compare_dtype)])
-    reference = _fingerprint(ref_values, 8) if mode == "fingerprint" else ref_values
-    previous = _fingerprint(ref_values, 8)
+    ref = torch.cat([ref, ref.new_zeros(pad)])
+    ref_values = _to_compare(ref, compare_dtype)
+    reference = _fingerprint_words(ref_values, 8) if mode == "fingerprint" else ref_values
+    previous = _fingerprint_words(ref_values, 8)
+    native = _fingerprint_words(ref, 8) if cur.dtype != compare_dtype else None
     ever = torch.zeros(n // 8, dtype=torch.uint8)
     extra = {}
     if bits_input:  # the raw-bits path the tracker takes when nothing is converted and atol == 0
         assert cur.dtype == compare_dtype and atol == 0
         extra = {"stored_dtype": cur.dtype}
-    changed, churn, stats = kernel(
+    changed, stats = kernel(
         _as_bits(cur) if bits_input else cur,
         _as_bits(reference) if bits_input and mode == "exact" else reference,
         previous,
+        native,
         ever,
         compare_dtype=compare_dtype,
         fingerprint_reference=mode == "fingerprint",
@@ -90,7 +96,7 @@ def _run(kernel, cur, ref, compare_dtype, mode, atol, bits_input=False):
         update=True,
         **extra,
     )
-    return _planar_to_bool(changed), _planar_to_bool(churn), stats, previous, ever, ref_values, cur
+    return _planar_to_bool(changed), stats, previous, ever, ref_values, ref, cur
 
 
 CASES = [
@@ -106,7 +112,7 @@ CASES = [
 
 def _check(kernel, dtype, compare_dtype, atol, mode, bits_input=False):
     cur, ref = _case(dtype)
-    changed, churn, stats, previous, ever, ref_values, padded = _run(
+    changed, stats, previous, ever, ref_values, ref_own, padded = _run(
         kernel, cur, ref, compare_dtype, mode, atol, bits_input
     )
     values = _to_compare(padded, compare_dtype)
@@ -117,16 +123,20 @@ def _check(kernel, dtype, compare_dtype, atol, mode, bits_input=False):
     else:  # the fingerprint detects a subset of the bit changes: exactly those that change x mod 255
         assert torch.equal(changed, fp_now != _fingerprint(ref_values, 8))
         assert not (changed & ~_changed(values, ref_values, 0.0)).any()
-    assert torch.equal(churn, fp_now != _fingerprint(ref_values, 8))
-    assert torch.equal(previous, fp_now)  # the new fingerprint was stored
+    churn = fp_now != _fingerprint(ref_values, 8)
+    assert torch.equal(_words_to_elements(previous, previous.numel() * 4, 8), fp_now)  # the new fingerprint, stored
+    native = int((_fingerprint(padded, 8) != _fingerprint(ref_own, 8)).sum()) if dtype != compare_dtype else 0
     assert stats.tolist() == [
         int(changed.sum()),
         int(not bool(torch.isfinite(cur).all())),
         int(churn.sum()),
         int(changed.sum()),  # ever was empty: ever == changed
+        native,
     ]
     assert torch.equal(_planar_to_bool(ever), changed)
     assert expected[:20].any() and not expected[:20].all()  # the special cases exercise both outcomes
+    if dtype != compare_dtype:  # the own-dtype count sees the changes the compare dtype rounds away
+        assert native > int(changed.sum()) or compare_dtype.itemsize > dtype.itemsize
 
 
 @pytest.mark.parametrize("mode", ["exact", "fingerprint"])
@@ -185,7 +195,7 @@ def test_runner_compiles_in_the_background_once_eager_time_reaches_the_cost():
     assert not failing.wait(60) and failing.use_compile is False
     with pytest.warns(UserWarning, match="torch.compile of the sparsity kernel failed.*ZeroDivisionError"):
         cur = torch.zeros(8)
-        failing(cur, cur.clone(), None, torch.zeros(1, dtype=torch.uint8), **_OPTIONS)
+        failing(cur, cur.clone(), None, None, torch.zeros(1, dtype=torch.uint8), **_OPTIONS)
 
 
 _OPTIONS = dict(compare_dtype=torch.float32, fingerprint_reference=False, bits=8, atol=0.0, update=True)
@@ -198,3 +208,19 @@ def test_nonfinite_from_exponent_bits_equals_isfinite():
         for bad in (float("nan"), float("inf"), float("-inf")):
             values = torch.cat([finite, torch.tensor([bad]).to(dtype)])
             assert bool(_any_nonfinite_bits(_as_bits(values), dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_word_packed_fingerprints_round_trip_through_the_per_element_form_at_any_chunk(bits):
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(3 * 64, generator=gen)
+    values[:3] = torch.tensor([float("nan"), -0.0, float("inf")])
+    per_element = _fingerprint(values, bits)
+    words = _elements_to_words(per_element, 64, bits)  # 3 chunks of 64 elements
+    assert words.dtype == torch.int32 and words.numel() * 32 == values.numel() * bits  # same bytes per element
+    assert torch.equal(words, torch.cat([_fingerprint_words(values[i : i + 64], bits) for i in range(0, 192, 64)]))
+    assert torch.equal(_words_to_elements(words, 64, bits), per_element)
+    # another chunk size gives another word layout of the same per-element fingerprints
+    other = _elements_to_words(per_element, 96, bits)
+    assert not torch.equal(other, words)
+    assert torch.equal(_words_to_elements(other, 96, bits), per_element)
