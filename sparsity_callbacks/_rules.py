@@ -63,6 +63,16 @@ def _to_compare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return converted.masked_fill_(converted.isnan(), float("nan"))
 
 
+def _bfloat16_bits(float32_bits: torch.Tensor) -> torch.Tensor:
+    """Rule 1 on raw bits: float32 bits (int32) -> the bits of their bfloat16 conversion, as int32 in
+    ``[0, 2**16)``: round to nearest even (what ``Tensor.to`` does), every NaN the canonical ``0x7FC0``.
+    Integer arithmetic only, so a compiled loop needs no float conversion (`tests/test_kernel_rules.py`
+    checks it against ``Tensor.to`` on every special case)."""
+    u = float32_bits
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+    return torch.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+
+
 def _representable(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool per element: ``values`` converted to ``dtype`` and back give the same value, so a comparison in
     ``dtype`` starts from the element's own value (NaN and inf count as representable)."""

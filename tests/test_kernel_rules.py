@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from sparsity_callbacks import SparsityTracker
-from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _changed, _to_compare
+from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _bfloat16_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
     _compiled_kernel,
     _elements_to_words,
     _fingerprint,
     _fingerprint_words,
     _kernel,
+    _bits_input,
     _KernelRunner,
     _planar_to_bool,
     _words_to_elements,
@@ -81,7 +82,7 @@ def _run(kernel, cur, ref, compare_dtype, mode, atol, bits_input=False):
     ever = torch.zeros(n // 8, dtype=torch.uint8)
     extra = {}
     if bits_input:  # the raw-bits path the tracker takes when nothing is converted and atol == 0
-        assert cur.dtype == compare_dtype and atol == 0
+        assert _bits_input(cur.dtype, compare_dtype, atol)
         extra = {"stored_dtype": cur.dtype}
     changed, stats = kernel(
         _as_bits(cur) if bits_input else cur,
@@ -143,7 +144,7 @@ def _check(kernel, dtype, compare_dtype, atol, mode, bits_input=False):
 @pytest.mark.parametrize(("dtype", "compare_dtype", "atol"), CASES)
 def test_eager_kernel_applies_the_rules(dtype, compare_dtype, atol, mode):
     _check(_kernel, dtype, compare_dtype, atol, mode)
-    if dtype == compare_dtype and atol == 0:
+    if _bits_input(dtype, compare_dtype, atol):
         _check(_kernel, dtype, compare_dtype, atol, mode, bits_input=True)
 
 
@@ -152,7 +153,7 @@ def test_eager_kernel_applies_the_rules(dtype, compare_dtype, atol, mode):
 def test_compiled_kernel_applies_the_rules(dtype, compare_dtype, atol):
     for mode in ("exact", "fingerprint"):
         _check(_compiled_kernel(), dtype, compare_dtype, atol, mode)
-        if dtype == compare_dtype and atol == 0:
+        if _bits_input(dtype, compare_dtype, atol):
             _check(_compiled_kernel(), dtype, compare_dtype, atol, mode, bits_input=True)
 
 
@@ -224,3 +225,15 @@ def test_word_packed_fingerprints_round_trip_through_the_per_element_form_at_any
     other = _elements_to_words(per_element, 96, bits)
     assert not torch.equal(other, words)
     assert torch.equal(_words_to_elements(other, 96, bits), per_element)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_integer_bfloat16_conversion_is_tensor_to_on_every_special_case(compiled):
+    cur, _ = _case(torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    specials = [0x7FC00001, 0xFFFFFFFF, 0x7F800001, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7F8000, 0x807FFFFF]
+    values = torch.cat([cur, _from_bits(specials, torch.float32), torch.randn(5000, generator=gen) * 1e-30])
+    values = torch.cat([values, _from_bits(torch.randint(0, 2**32, (20000,), generator=gen).tolist(), torch.float32)])
+    convert = torch.compile(_bfloat16_bits, dynamic=True) if compiled else _bfloat16_bits
+    expected = _as_bits(_to_compare(values, torch.bfloat16)).to(torch.int32) & 0xFFFF
+    assert torch.equal(convert(_as_bits(values)), expected)  # ties to even, overflow to inf, canonical NaN
