@@ -71,7 +71,9 @@ def _state_dict(tracker: SparsityTracker) -> dict[str, Any]:
         return _words_to_elements(words.detach(), chunk, bits).cpu()
 
     for name, s in tracker._states.items():
-        tensors[f"reference/{name}"] = s.reference.detach().cpu() if tracker.mode == "exact" else per_element(s.reference)
+        tensors[f"reference/{name}"] = (
+            s.reference.detach().cpu() if tracker.mode == "exact" else per_element(s.reference)
+        )
         tensors[f"ever/{name}"] = s.ever.detach().cpu()
         if s.previous is not None:
             tensors[f"previous/{name}"] = per_element(s.previous)

@@ -37,10 +37,10 @@ import torch
 from sparsity_callbacks._bits import _popcount
 from sparsity_callbacks._rules import (
     EXPONENT_MASKS,
-    _bfloat16_bits,
     _any_nonfinite,
     _any_nonfinite_bits,
     _as_bits,
+    _bfloat16_bits,
     _changed,
     _to_compare,
 )
@@ -161,7 +161,9 @@ def _words_to_elements(words: torch.Tensor, chunk: int, bits: int) -> torch.Tens
 def _elements_to_words(elements: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     """Inverse of `_words_to_elements`: per-element fingerprints -> word-packed, for chunks of ``chunk``."""
     values = elements.to(torch.int32) if bits == 8 else elements.to(torch.int32) + 32768
-    pieces = [_pack_words(list(values[i : i + chunk].view(8, -1)), bits).reshape(-1) for i in range(0, values.numel(), chunk)]
+    pieces = [
+        _pack_words(list(values[i : i + chunk].view(8, -1)), bits).reshape(-1) for i in range(0, values.numel(), chunk)
+    ]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=elements.device)
 
 
@@ -231,18 +233,20 @@ def _kernel(
         nonfinite = _any_nonfinite(current)
     else:
         # compiled: no bitcast in the loop; eager: a view is free and a sum one pass
-        nonfinite = _any_nonfinite_bits(current, stored_dtype) if compiling else _any_nonfinite(current.view(stored_dtype))
+        nonfinite = (
+            _any_nonfinite_bits(current, stored_dtype) if compiling else _any_nonfinite(current.view(stored_dtype))
+        )
         values = current
         if stored_dtype != compare_dtype and compiling:  # float32 bits compared in bfloat16: in int32 lanes
             values, reference = _bfloat16_bits(current), reference.to(torch.int32) & 0xFFFF
         elif stored_dtype != compare_dtype:
             values = _as_bits(_to_compare(current.view(stored_dtype), compare_dtype))
     form = _kernel_rows if torch.compiler.is_compiling() else _kernel_tensors
-    changed, counts = form(current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update)
-    changed_count, churn_count, ever_count, native_count = counts
-    return changed, torch.stack(
-        [changed_count, nonfinite.to(torch.int64), churn_count, ever_count, native_count]
+    changed, counts = form(
+        current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update
     )
+    changed_count, churn_count, ever_count, native_count = counts
+    return changed, torch.stack([changed_count, nonfinite.to(torch.int64), churn_count, ever_count, native_count])
 
 
 def _kernel_rows(current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update):

@@ -10,12 +10,12 @@ import torch
 from sparsity_callbacks import SparsityTracker
 from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _bfloat16_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
+    _bits_input,
     _compiled_kernel,
     _elements_to_words,
     _fingerprint,
     _fingerprint_words,
     _kernel,
-    _bits_input,
     _KernelRunner,
     _planar_to_bool,
     _words_to_elements,
