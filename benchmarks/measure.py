@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--configs", default="default,bf16,lowbyte,fingerprint,exact_nochurn,fingerprint_nochurn,fingerprint_bf16"
     )
-    parser.add_argument("--max-warmup", type=int, default=80, help="measurements to wait for the compiled kernel")
+    parser.add_argument("--max-warmup", type=int, default=400, help="measurements to wait for the compiled kernel")
     parser.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (1 avoids OpenMP spin-waits on a busy machine)"
     )

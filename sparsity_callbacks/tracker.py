@@ -330,31 +330,41 @@ class SparsityTracker:
             needs_fingerprint = self.mode == "fingerprint" or self.config.track_churn
             self._kernel.use_compile = None if needs_fingerprint else False
 
+    @torch.no_grad()  # as `measure` runs: grad mode is thread-local and guards the compiled kernel
     def _warm_up_compiled_kernel(self) -> None:
         """Run the compiled kernel once on small inputs of every signature `measure` uses (dtypes, device,
-        churn or not), so that it is compiled before the training thread calls it."""
+        churn or not, and a one-byte chunk where a tensor has one: the compiler specialises sizes 0 and 1),
+        so that it is compiled before the training thread calls it."""
         seen = set()
         for tracked in self._tracked:
             state = self._states[tracked.name]
             current = tracked.local()
             device = current.device
             previous = state.previous if self.config.track_churn else None
-            key = (current.dtype, state.dtype, state.reference.dtype, device, previous is None, state.native is None)
-            if key in seen:
-                continue
-            seen.add(key)
-            n = 4096
-            words = n * self.config.fingerprint_bits // 32
-            args, options = self._kernel_inputs(
-                torch.zeros(n, dtype=current.dtype, device=device),
-                torch.zeros(n if self.mode == "exact" else words, dtype=state.reference.dtype, device=device),
-                None if previous is None else torch.zeros(words, dtype=torch.int32, device=device),
-                None if state.native is None else torch.zeros(words, dtype=torch.int32, device=device),
-                torch.zeros(n // 8, dtype=torch.uint8, device=device),
-                state,
-                update=True,
+            signature = (
+                current.dtype,
+                state.dtype,
+                state.reference.dtype,
+                device,
+                previous is None,
+                state.native is None,
             )
-            _compiled_kernel()(*args, **options)
+            last_chunk = (state.ever.numel() * 8) % self._chunk or self._chunk
+            for n in (4096, 8) if last_chunk == 8 else (4096,):
+                if (signature, n) in seen:
+                    continue
+                seen.add((signature, n))
+                words = n * self.config.fingerprint_bits // 32
+                args, options = self._kernel_inputs(
+                    torch.zeros(n, dtype=current.dtype, device=device),
+                    torch.zeros(n if self.mode == "exact" else words, dtype=state.reference.dtype, device=device),
+                    None if previous is None else torch.zeros(words, dtype=torch.int32, device=device),
+                    None if state.native is None else torch.zeros(words, dtype=torch.int32, device=device),
+                    torch.zeros(n // 8, dtype=torch.uint8, device=device),
+                    state,
+                    update=True,
+                )
+                _compiled_kernel()(*args, **options)
 
     def _kernel_options(self, state: _TensorState, *, update: bool) -> dict[str, Any]:
         return {

@@ -237,3 +237,21 @@ def test_integer_bfloat16_conversion_is_tensor_to_on_every_special_case(compiled
     convert = torch.compile(_bfloat16_bits, dynamic=True) if compiled else _bfloat16_bits
     expected = _as_bits(_to_compare(values, torch.bfloat16)).to(torch.int32) & 0xFFFF
     assert torch.equal(convert(_as_bits(values)), expected)  # ties to even, overflow to inf, canonical NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"compare_dtype": "bfloat16"}, {"mode": "fingerprint"}])
+def test_the_background_compile_leaves_nothing_to_compile_on_the_training_thread(options):
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 3))
+    tracker = SparsityTracker(model, **options)
+    tracker.snapshot()
+    tracker._kernel.record_eager(100.0, tracker._warm_up_compiled_kernel)  # as if eager time paid for it
+    assert tracker._kernel.wait(600)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        model[0].weight[0] += 1
+    measurement = tracker.measure(1)  # under no_grad, like the warm-up: no guard fails, nothing recompiles
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert measurement.tensors["0.weight"].changed == 64
