@@ -323,12 +323,11 @@ class SparsityTracker:
     # --- internals -------------------------------------------------------------------------------
     def _choose_compile(self) -> None:
         """``compile=None``: measured, not by size (`_KernelRunner`): eager measurements until the time they
-        took reaches the cost of one compilation, then compiled in the background. Only where it can pay:
-        fingerprints (fingerprint mode, or churn) compile to one fused pass, several times faster than
-        eager on CPU; a plain exact comparison is one eager pass already (compiled it measured 2x slower)."""
+        took reaches the cost of one compilation, then compiled in the background. Every configuration can
+        pay: compiled, even a plain exact comparison without churn runs ~2x faster than eager on CPU (the
+        packing and counting fuse into the comparison's loop)."""
         if self.config.compile is None:
-            needs_fingerprint = self.mode == "fingerprint" or self.config.track_churn
-            self._kernel.use_compile = None if needs_fingerprint else False
+            self._kernel.use_compile = None
 
     @torch.no_grad()  # as `measure` runs: grad mode is thread-local and guards the compiled kernel
     def _warm_up_compiled_kernel(self) -> None:
