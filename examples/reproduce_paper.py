@@ -646,6 +646,96 @@ def _print(results: dict) -> None:
     print(f"\ntotal {results.get('total_seconds')} s; JSON: {results['options']['out']}")
 
 
+def markdown_tables(results: dict) -> str:
+    """The results as the README's Markdown tables (one per part present), with run times and load."""
+
+    def pct(x, digits: int = 2) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:.{digits}f} %"
+
+    lines: list[str] = []
+    if "a" in results:
+        lines += [
+            f"**(a) Update sparsity after {results['options']['steps']} steps, compared in bf16**",
+            "",
+            "| run | base | unchanged in bf16 (update sparsity) | changed in bf16 | changed in fp32 "
+            "| changed elements ≥ 255 ulps: bf16 / fp32 | run time |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, r in results["a"].items():
+            run, base = label.split(" from ")
+            representable = r["reference_representable_fraction_bf16"]
+            lines.append(
+                f"| {run} | {base.removesuffix(' base')} ({representable * 100:.1f} % bf16 values) "
+                f"| {pct(r['update_sparsity_bf16'])} | {pct(r['changed_fraction_bf16'])} "
+                f"| {pct(r['changed_fraction_fp32'])} | {pct(r['share_ge_255_ulps_bf16'], 3)} / "
+                f"{pct(r['share_ge_255_ulps_fp32'], 1)} | {r['seconds']:.0f} s |"
+            )
+        lines.append("")
+    if "b" in results:
+        lines += [
+            "**(b) Overlap of the bf16 ever-changed masks (bf16 base)**",
+            "",
+            "| masks | density A / B | o(A,B) | uniform chance | magnitude-matched chance | Jaccard "
+            "| uniform / matched chance |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, r in results["b"].items():
+            lines.append(
+                f"| {label} | {pct(r['density_a'])} / {pct(r['density_b'])} | {r['overlap_ab']:.3f} "
+                f"| {r['chance_uniform']:.3f} | {r['chance_magnitude_matched']:.3f} | {r['jaccard']:.3f} "
+                f"| {r['chance_jaccard_uniform']:.3f} / {r['chance_jaccard_magnitude_matched']:.3f} |"
+            )
+        lines.append("")
+    if "c" in results:
+        full = results["c"]["full"]
+        lines += [
+            f"**(c) Subnetwork recovery, GRPO {full['steps']} steps at lr {full['learning_rate']:g} "
+            "from the bf16 base**",
+            "",
+            "| run | trained fraction | identical to the full run: exactly | within 1e-5 | within 1e-4 "
+            "| changed outside its mask | reward per step | reward terms, first → last quarter | run time |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, r in results["c"].items():
+            identical = (
+                f"{pct(r['identical_exact'])} | {pct(r['identical_within_1e-5'])} | {pct(r['identical_within_1e-4'])}"
+            )
+            if "reward_curve" not in r:  # the untrained base: the floor
+                lines.append(f"| {label} | {pct(r['trained_fraction'])} | {identical} | — | — | — | — |")
+                continue
+            curve = " ".join(f"{v:.2f}" for v in r["reward_curve"])
+            terms = ", ".join(
+                f"{name.removesuffix('_reward')} {_quarter(v, first=True):.2f} → {_quarter(v, first=False):.2f}"
+                for name, v in r["reward_terms"].items()
+            )
+            outside = "—" if r["changed_outside_trained_mask"] is None else str(r["changed_outside_trained_mask"])
+            lines.append(
+                f"| {label} | {pct(r['trained_fraction'])} | {identical} | {outside} | {curve} | {terms} "
+                f"| {r['seconds']:.0f} s |"
+            )
+        lines.append("")
+    if "d" in results:
+        layers = ", ".join(str(layer) for layer in results.get("rank_layers", []))
+        lines += [
+            "**(d) Rank of the updates, rank / min(shape) of final − base**",
+            "",
+            f"| run | 2-D tensors (layers {layers}) | mean | min |",
+            "|---|---|---|---|",
+        ]
+        for label, r in results["d"].items():
+            lines.append(
+                f"| {label} | {r['tensors']} | {pct(r['mean_relative_rank'])} | {pct(r['min_relative_rank'])} |"
+            )
+        lines.append("")
+    times = ", ".join(f"part {p} {results[f'{p}_seconds'] / 60:.1f} min" for p in "abcd" if f"{p}_seconds" in results)
+    lines.append(
+        f"Run time: {(results.get('total_seconds') or 0) / 60:.1f} min in all ({times}; loading "
+        f"{results.get('load_seconds')} s); load average (1, 5, 15 min) {results.get('load_average_start')} at the "
+        f"start, {results.get('load_average_end')} at the end; {results.get('cpu_count')} CPUs."
+    )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="abcd", help="which parts, e.g. 'a' or 'bc' (default: all)")
@@ -655,7 +745,12 @@ if __name__ == "__main__":
     parser.add_argument("--recovery-lr", type=float, default=Options.recovery_lr, help="learning rate, part c")
     parser.add_argument("--tiny", action="store_true", help="the tiny built-in model on word tasks (seconds; tests)")
     parser.add_argument("--out", default=Options.out, help="where to write the JSON results")
+    parser.add_argument("--tables", metavar="JSON", help="only print the README tables of a results file")
     args = parser.parse_args()
+    if args.tables:
+        with open(args.tables) as handle:
+            print(markdown_tables(json.load(handle)))
+        sys.exit(0)
     options = Options(
         steps=args.steps,
         recovery_steps=args.recovery_steps,

@@ -89,6 +89,11 @@ def test_all_parts_write_the_tables_and_one_mlflow_run_per_training_run(mlflow_l
     for row in data["d"].values():
         assert row["tensors"] == 21 and 0 < row["min_relative_rank"] <= row["mean_relative_rank"] <= 1
 
+    # the README tables render from the JSON: one per part, every part (c) row
+    tables = module.markdown_tables(data).splitlines()
+    assert sum(line.startswith("|---") for line in tables) == 4
+    assert sum(line.startswith(f"| {label} |") for line in tables for label in c) == 4
+
     # one MLflow run per distinct training run: a 8, b 1 more (seed 1), c 3 (2-step runs); d reuses a's
     assert len(runs) == 12
     assert all("sparsity/changed_fraction" in r.data.metrics for r in runs.values())
