@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import warnings
 
@@ -301,6 +302,9 @@ class _SlowProxy:
             def _forward(self):
                 proxy.requests += 1
                 time.sleep(delay)
+                if not proxy.gate.is_set():  # held until the test opens the gate
+                    proxy.held += 1
+                    proxy.gate.wait()
                 if proxy.broken:  # like a reverse proxy whose tracking server died
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
                     self.send_error(503, "tracking server down")
@@ -327,7 +331,10 @@ class _SlowProxy:
                 pass
 
         self.requests = 0
+        self.held = 0
         self.broken = False
+        self.gate = threading.Event()
+        self.gate.set()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -338,20 +345,23 @@ class _SlowProxy:
 
 
 def test_a_slow_server_never_slows_the_caller_and_gets_everything(mlflow_server):
-    """Every request to the tracking server takes 0.6 s: `log_metrics` still returns at once (it only
-    appends to the buffer; well under a millisecond measured on a busy machine), batching keeps the number of
-    requests far below the number of calls, and everything arrives by `close`."""
+    """Every request to the tracking server takes 0.6 s, and while the caller logs the server answers none:
+    `log_metrics` still returns (it only appends to the buffer), batching keeps the number of requests far
+    below the number of calls, and everything arrives by `close`."""
     proxy = _SlowProxy(mlflow_server, delay=0.6)
     try:
         sink = MLflowSink(tracking_uri=proxy.uri, experiment="slow-server", run_name="slow")
         sink.log_params({"sparsity.mode": "exact"})
-        slowest = 0.0
+        proxy.gate.clear()  # from now on the server answers nothing until the loop is done
+        safety = threading.Timer(60.0, proxy.gate.set)  # a caller that waited would finish only after this
+        safety.start()
         for step in range(40):
-            started = time.monotonic()
             sink.log_metrics(_metrics(step), step=step)
-            slowest = max(slowest, time.monotonic() - started)
             time.sleep(0.02)
-        assert slowest < 0.2  # far below one request (0.6 s): the caller never waits for the server
+        # every call returned while the server held a request unanswered: the caller never waits for it
+        assert proxy.held > 0 and not proxy.gate.is_set()
+        proxy.gate.set()
+        safety.cancel()
         sink.close(timeout=120)
         run_id = sink.run_id
         assert proxy.requests < 40  # batched: fewer requests than log calls
