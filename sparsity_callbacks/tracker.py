@@ -497,13 +497,14 @@ class SparsityTracker:
         return self._kernel(*args, **options)
 
     def _kernel_inputs(self, current, reference, previous, native, ever, state: _TensorState, *, update: bool):
-        """``(args, kwargs)`` of `_kernel` for one chunk: raw bits when no conversion or atol is involved."""
+        """``(args, kwargs)`` of `_kernel` for one chunk: raw bits when no conversion or atol is involved (an
+        exact bfloat16 reference of float32 values stays bfloat16: see `_kernel`)."""
         options = self._kernel_options(state, update=update)
         if _bits_input(current.dtype, state.dtype, options["atol"]):
             options["stored_dtype"] = current.dtype
-            current = _as_bits(current)
-            if self.mode == "exact":
+            if self.mode == "exact" and current.dtype == state.dtype:
                 reference = _as_bits(reference)
+            current = _as_bits(current)
         return (current, reference, previous, native, ever), options
 
     def _current_parameters(self) -> dict[str, torch.Tensor]:
