@@ -256,3 +256,40 @@ def test_the_background_compile_leaves_nothing_to_compile_on_the_training_thread
     measurement = tracker.measure(1)  # under no_grad, like the warm-up: no guard fails, nothing recompiles
     assert counters["stats"]["unique_graphs"] == graphs
     assert measurement.tensors["0.weight"].changed == 64
+
+
+def _every_bfloat16_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """(current float32 values, reference bfloat16 values): every bfloat16 bit pattern as the reference (NaN
+    payloads, +-0, inf, subnormals), each against four float32 values around it: its exact value, a
+    rounding tie (to even: up or down), just below and just above the tie."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    high = patterns << 16
+    current = torch.cat([high, high | 0x8000, high | 0x7FFF, high | 0x8001]).view(torch.float32)
+    reference = patterns.to(torch.int16).view(torch.bfloat16).repeat(4)
+    return current, reference
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_kernel_equals_eager_and_the_rules_on_every_bfloat16_pattern():
+    current, reference = _every_bfloat16_case()
+    gen = torch.Generator().manual_seed(4)
+    earlier = current[torch.randperm(current.numel(), generator=gen)]
+    outputs = {}
+    for name, kernel in (("eager", _kernel), ("compiled", _compiled_kernel())):
+        previous = _fingerprint_words(_to_compare(earlier, torch.bfloat16), 8)
+        native = _fingerprint_words(reference.float(), 8)
+        ever = torch.zeros(current.numel() // 8, dtype=torch.uint8)
+        options = dict(_OPTIONS, compare_dtype=torch.bfloat16, stored_dtype=torch.float32)
+        changed, stats = kernel(_as_bits(current), reference, previous, native, ever, **options)
+        outputs[name] = (changed, stats, previous, ever)
+    values = _to_compare(current, torch.bfloat16)
+    expected = _changed(values, reference, 0.0)  # the rules module
+    fp_now = _fingerprint(values, 8)
+    for name, (changed, stats, previous, ever) in outputs.items():
+        assert torch.equal(_planar_to_bool(changed), expected), name
+        assert torch.equal(changed, ever), name
+        assert torch.equal(_words_to_elements(previous, current.numel(), 8), fp_now), name
+        churn = int((fp_now != _fingerprint(_to_compare(earlier, torch.bfloat16), 8)).sum())
+        native = int((_fingerprint(current, 8) != _fingerprint(reference.float(), 8)).sum())
+        assert stats.tolist() == [int(expected.sum()), 1, churn, int(expected.sum()), native], name
+    assert 0 < int(expected.sum()) < expected.numel()
