@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -51,8 +52,9 @@ _MODULI = {8: 255, 16: 65535}
 #: Per-element fingerprint dtype of saved tracker states (`_words_to_elements`); in memory, fingerprints are
 #: packed into int32 words (`_fingerprint_words`).
 _FINGERPRINT_DTYPES = {8: torch.uint8, 16: torch.int16}
+#: Dtype of one fingerprint field of an int32 word (`_fields_view`); k=16 fields hold the residue's raw 16 bits.
+_FIELD_DTYPES = {8: torch.uint8, 16: torch.int16}
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
-_WORD_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 _RESIDUE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
@@ -78,10 +80,7 @@ def _residue(values: torch.Tensor, bits: int) -> torch.Tensor:
         r = (r & modulus) + (r >> bits)
         return torch.where(r >= modulus, r - modulus, r).to(torch.int32)
     if bits == 8 and width <= 32:
-        # The sum of the two 16-bit halves (2**16 = 1 mod 255) looked up in a table of residues: one gather
-        # instead of an integer division (measured 2-3x faster than an int64 remainder, eager on CPU).
-        halves = x.to(torch.int32) & ((1 << width) - 1) if width < 32 else ((x >> 16) & 0xFFFF).add_(x & 0xFFFF)
-        return torch.index_select(_residue_table(x.device), 0, halves.reshape(-1)).view(x.shape)
+        return _residue_fields(values, bits).to(torch.int32)
     if width < 64:
         # The unsigned value in a wider integer, then one remainder: in [0, m - 1] directly.
         wide = torch.int64 if width == 32 else torch.int32
@@ -91,20 +90,40 @@ def _residue(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(r == modulus, 0, r)
 
 
+def _residue_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eager `_residue` in the dtype of a word's fields (`_FIELD_DTYPES`; for k=16 the int16 holding the
+    residue's 16 bits), same shape. For k=8 the sum of the two 16-bit halves (2**16 = 1 mod 255) is looked up
+    in a uint8 table of residues: one gather instead of an integer division (measured 2-3x faster than an
+    int64 remainder on CPU), and a 1-byte result."""
+    x = _as_bits(values)
+    width = 8 * values.element_size()
+    if bits == 8 and width <= 32:
+        if width < 32:
+            halves = x.to(torch.int32) & ((1 << width) - 1)
+        else:  # x >> 16 sign-extends: mask it to the unsigned high half
+            halves = torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF).add_(x & 0xFFFF)
+        return torch.index_select(_residue_table(x.device), 0, halves.reshape(-1)).view(x.shape)
+    return _residue(values, bits).to(_FIELD_DTYPES[bits])
+
+
 def _residue_table(device: torch.device) -> torch.Tensor:
-    """``s mod 255`` for every sum ``s`` of two 16-bit halves (``0 <= s < 2**17``), int32, cached per device."""
+    """``s mod 255`` for every sum ``s`` of two 16-bit halves (``0 <= s < 2**17``), uint8, cached per device."""
     if device not in _RESIDUE_TABLES:
-        _RESIDUE_TABLES[device] = torch.remainder(torch.arange(1 << 17, dtype=torch.int32), 255).to(device)
+        table = torch.remainder(torch.arange(1 << 17, dtype=torch.int32), 255).to(torch.uint8)
+        _RESIDUE_TABLES[device] = table.to(device)
     return _RESIDUE_TABLES[device]
 
 
 def _fingerprint(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-element fingerprint (`_residue`) as stored in tracker state files: uint8 (k=8) or int16 (k=16,
     offset by -32768)."""
-    r = _residue(values, bits)
-    if bits == 8:
-        return r.to(torch.uint8)
-    return (r - 32768).to(torch.int16)
+    return _saved_form(_residue_fields(values, bits), bits)
+
+
+def _saved_form(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fingerprints in the field dtype -> the per-element form of state files: k=8 unchanged; k=16 the residue
+    r as ``r - 32768`` (the 16 bits with the top one flipped)."""
+    return fields if bits == 8 else fields ^ -32768
 
 
 def _words_per_row(bits: int) -> int:
@@ -116,14 +135,6 @@ def _field(words: torch.Tensor, row: int, bits: int) -> torch.Tensor:
     """Fingerprints of planar row ``row`` (of 8) from a ``(8 // per, m)`` int32 word block."""
     per = _words_per_row(bits)
     return (words[row // per] >> (bits * (row % per))) & _MODULI[bits]
-
-
-def _word_shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """Bit offsets of the fingerprints in a word: ``[0, bits, 2 * bits, ...]`` (int32, cached per device)."""
-    key = (bits, device)
-    if key not in _WORD_SHIFTS:
-        _WORD_SHIFTS[key] = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
-    return _WORD_SHIFTS[key]
 
 
 def _pack_words(rows: list[torch.Tensor], bits: int) -> torch.Tensor:
@@ -139,49 +150,64 @@ def _pack_words(rows: list[torch.Tensor], bits: int) -> torch.Tensor:
     return torch.stack(words)
 
 
+def _fields_view(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Contiguous int32 words of one chunk (``8 // per * m``, any shape) -> a ``(8 // per, per, m)`` view of
+    their fingerprint fields in `_FIELD_DTYPES` (``per`` = `_words_per_row`): ``[h, q, j]`` is the field at
+    bits ``[bits * q, bits * (q + 1))`` of word ``[h, j]``, i.e. row ``per * h + q``, column ``j``
+    (`_pack_words`). A view, so reading, comparing and storing fingerprints eagerly is a strided byte copy
+    instead of shifts and masks on int32 (measured 3x faster). Field ``q`` is byte/half ``q`` of the word on a
+    little-endian machine, which every platform torch builds for is."""
+    if sys.byteorder != "little":
+        raise RuntimeError("sparsity_callbacks' fingerprint layout needs a little-endian machine.")
+    per = _words_per_row(bits)
+    return words.reshape(-1).view(_FIELD_DTYPES[bits]).view(8 // per, -1, per).permute(0, 2, 1)
+
+
 def _fingerprint_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Fingerprints of a chunk of ``8 * m`` values, packed planar into ``8 * m * bits / 32`` int32 words (the
     layout the kernel reads and writes: one narrowing conversion fewer per element, measured ~1.4x faster)."""
-    rows = _residue(values, bits).to(torch.int32).view(8, -1)
-    return _pack_words(list(rows), bits).reshape(-1)
+    per = _words_per_row(bits)
+    words = torch.empty(values.numel() // per, dtype=torch.int32, device=values.device)
+    _fields_view(words, bits).copy_(_residue_fields(values, bits).view(8 // per, per, -1))
+    return words
 
 
 def _words_to_elements(words: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     """Word-packed fingerprints of a whole flat tensor (chunks of ``chunk`` elements) -> one per element,
     in element order, as `_fingerprint` gives them (the portable form saved in tracker state files)."""
-    ratio = 32 // bits
-    pieces = []
-    for start in range(0, words.numel(), chunk // ratio):
-        block = words[start : start + chunk // ratio].view(8 // ratio, -1)
-        rows = torch.stack([_field(block, k, bits) for k in range(8)]).reshape(-1)
-        pieces.append(rows.to(torch.uint8) if bits == 8 else (rows - 32768).to(torch.int16))
+    step = chunk * bits // 32
+    pieces = [
+        _saved_form(_fields_view(words[start : start + step], bits).reshape(-1), bits)
+        for start in range(0, words.numel(), step)
+    ]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=_FINGERPRINT_DTYPES[bits], device=words.device)
 
 
 def _elements_to_words(elements: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
     """Inverse of `_words_to_elements`: per-element fingerprints -> word-packed, for chunks of ``chunk``."""
-    values = elements.to(torch.int32) if bits == 8 else elements.to(torch.int32) + 32768
-    pieces = [
-        _pack_words(list(values[i : i + chunk].view(8, -1)), bits).reshape(-1) for i in range(0, values.numel(), chunk)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32, device=elements.device)
+    per = _words_per_row(bits)
+    words = torch.empty(elements.numel() // per, dtype=torch.int32, device=elements.device)
+    for start in range(0, elements.numel(), chunk):
+        fields = _saved_form(elements[start : start + chunk], bits)  # the offset flip is its own inverse
+        _fields_view(words[start // per : (start + fields.numel()) // per], bits).copy_(fields.view(8 // per, per, -1))
+    return words
 
 
 def _pack_planar(flags: torch.Tensor) -> torch.Tensor:
     """Flat bool tensor of ``8 * m`` elements -> ``m`` bytes, element ``b * m + j`` in bit ``b`` of byte ``j``."""
-    rows = flags.view(8, -1)
-    packed = rows[0].to(torch.uint8)
-    for b in range(1, 8):
-        packed = packed | (rows[b].to(torch.uint8) << b)
-    return packed
+    return (flags.view(8, -1).view(torch.uint8) << _bit_shifts(flags.device)).sum(0, dtype=torch.uint8)
 
 
 def _planar_to_bool(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `_pack_planar`: ``m`` bytes -> flat bool tensor of ``8 * m`` elements."""
-    device = packed.device
+    return ((packed.view(1, -1) >> _bit_shifts(packed.device)) & 1).reshape(-1).bool()
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    """``[[0], [1], ..., [7]]`` (uint8, cached per device): the bit of each planar row."""
     if device not in _SHIFTS_CACHE:
         _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device).view(8, 1)
-    return ((packed.view(1, -1) >> _SHIFTS_CACHE[device]) & 1).reshape(-1).bool()
+    return _SHIFTS_CACHE[device]
 
 
 def _pop32(x: torch.Tensor) -> torch.Tensor:
@@ -295,38 +321,33 @@ def _kernel_rows(current, values, reference, previous, native, ever, fingerprint
     return packed.to(torch.uint8), counts
 
 
-def _fields(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Every fingerprint of a ``(8 // per, m)`` word block as ``(8, m)`` int32 (`_field` of each row)."""
-    per = _words_per_row(bits)
-    shifts = _word_shifts(bits, words.device).view(1, per, 1)
-    return ((words.unsqueeze(1) >> shifts) & _MODULI[bits]).reshape(8, -1)
-
-
 def _kernel_tensors(current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update):
     """`_kernel`'s eager form: the same results as `_kernel_rows` in a few whole-chunk tensor ops (per-op
-    dispatch costs microseconds, so eager wants few large ops: a model of many small tensors)."""
+    dispatch costs microseconds, so eager wants few large ops: a model of many small tensors). Fingerprints
+    are compared and stored in place through `_fields_view`, one byte (k=8) per element. Flags are counted
+    with ``count_nonzero`` (measured 7x faster than ``bool.sum()`` on CPU)."""
     m = ever.shape[0]
-    words_shape = (8 * bits // 32, m)
+    per = _words_per_row(bits)
     fingerprints = None
     if fingerprint_reference or previous is not None:
-        fingerprints = _residue(values, bits).to(torch.int32).view(8, m)
-    if fingerprint_reference:
-        flags = fingerprints != _fields(reference.view(words_shape), bits)
+        fingerprints = _residue_fields(values, bits).view(8 // per, per, m)
+    if fingerprint_reference:  # the contiguous operand first: the result is laid out like it
+        flags = torch.ne(fingerprints, _fields_view(reference, bits))
     else:
         flags = _changed(values, reference, atol)
     packed = _pack_planar(flags.reshape(-1))
     zero = ever.new_zeros((), dtype=torch.int64)
     churn_count = native_count = zero
     if previous is not None:
-        churn_count = (fingerprints != _fields(previous.view(words_shape), bits)).sum()
+        churn_count = torch.count_nonzero(torch.ne(fingerprints, _fields_view(previous, bits)))
     if native is not None:
-        own = _residue(current, bits).to(torch.int32).view(8, m)
-        native_count = (own != _fields(native.view(words_shape), bits)).sum()
+        own = _residue_fields(current, bits).view(8 // per, per, m)
+        native_count = torch.count_nonzero(torch.ne(own, _fields_view(native, bits)))
     if update:
         ever.bitwise_or_(packed)
         if previous is not None:
-            previous.view(words_shape).copy_(_pack_words(list(fingerprints), bits))
-    return packed, (_popcount(packed), churn_count, _popcount(ever), native_count)
+            _fields_view(previous, bits).copy_(fingerprints)
+    return packed, (torch.count_nonzero(flags), churn_count, _popcount(ever), native_count)
 
 
 @functools.cache
