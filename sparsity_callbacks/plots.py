@@ -146,8 +146,16 @@ def save_heatmap(cells: Mapping[tuple[int | None, str], float], path: str, title
                         fontsize=fontsize,
                         color="white" if value < 0.6 else "black",
                     )
-    figure.tight_layout()
+    # Margins in inches from the labels' lengths (tight_layout would measure them by drawing the figure
+    # once more: ~1/3 of the plot's CPU time); x labels are rotated 60 degrees at ~0.065 inch per character.
+    _set_margins(figure, left=0.9, right=1.1, top=0.45, bottom=0.55 + 0.057 * longest)
     figure.savefig(path)
+
+
+def _set_margins(figure, *, left: float, right: float, top: float, bottom: float) -> None:
+    """Place the axes ``left``/``right``/``top``/``bottom`` inches from the figure's edges."""
+    width, height = figure.get_size_inches()
+    figure.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height)
 
 
 def _short_key(key: str) -> str:
@@ -194,7 +202,7 @@ def save_curves(history: Sequence[Mapping[str, float]], path: str, title: str = 
         axes.text(0.5, 0.5, "no measurements", ha="center", va="center", transform=axes.transAxes)
     if title:
         axes.set_title(title)
-    figure.tight_layout()
+    _set_margins(figure, left=0.75, right=0.2, top=0.4, bottom=0.55)
     figure.savefig(path)
 
 
