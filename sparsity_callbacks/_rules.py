@@ -121,11 +121,16 @@ EXPONENT_MASKS: dict[torch.dtype, int] = {
 }
 
 
-def _any_nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`_any_nonfinite` of values of ``dtype`` given as their raw bits (integer view): some element has
-    an all-ones exponent (NaN or +-inf). Exact, and fuses into a compiled pass without a bitcast."""
+def _nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool per element of values of ``dtype`` given as their raw bits (integer view): an all-ones exponent
+    (NaN or +-inf). Exact, and fuses into a compiled pass without a bitcast."""
     mask = EXPONENT_MASKS[dtype]
-    return ((bits & mask) == mask).any()
+    return (bits & mask) == mask
+
+
+def _any_nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_any_nonfinite` of values of ``dtype`` given as their raw bits: some element is NaN or +-inf."""
+    return _nonfinite_bits(bits, dtype).any()
 
 
 def _count_nonfinite(values: torch.Tensor) -> int:

@@ -18,6 +18,7 @@ from sparsity_callbacks.reference import (
     _kernel,
     _KernelRunner,
     _planar_to_bool,
+    _residue,
     _words_to_elements,
 )
 
@@ -167,6 +168,28 @@ def test_fingerprint_eager_equals_digit_sum_definition():
         width = 8 * values.element_size()
         expected = [(b % (1 << width)) % modulus for b in bits]
         assert _fingerprint(values, 8).tolist() == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 16])
+def test_compiled_fingerprint_digit_sum_equals_eager_on_every_width(bits):
+    gen = torch.Generator().manual_seed(5)
+    residue = torch.compile(_residue, dynamic=True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        values = torch.randn(5000, generator=gen).to(dtype)
+        values[:6] = torch.tensor([float("nan"), float("-inf"), -0.0, -1e-40, -3e38, 1.0]).to(dtype)
+        raw = _as_bits(values)
+        extremes = torch.tensor([-1, torch.iinfo(raw.dtype).min, 0], dtype=raw.dtype)  # all ones, sign bit, zero
+        bits_as_is = torch.cat([raw, extremes])
+        expected = _fingerprint(bits_as_is.view(dtype), bits).to(torch.int32)
+        expected = expected if bits == 8 else expected + 32768
+        assert torch.equal(residue(bits_as_is.view(dtype), bits), expected), dtype
+    # bfloat16 bits held in int32 lanes (the compiled bfloat16 path): two digits are enough
+    halves = _as_bits(torch.randn(5000, generator=gen).to(torch.bfloat16)).to(torch.int32) & 0xFFFF
+    halves = torch.cat([halves, torch.tensor([0xFFFF, 0x8000, 0, 0xFF, 0xFE01], dtype=torch.int32)])
+    expected = _fingerprint(halves.to(torch.int16).view(torch.bfloat16), bits).to(torch.int32)
+    expected = expected if bits == 8 else expected + 32768
+    assert torch.equal(residue(halves, bits, 16), expected)
 
 
 def test_compile_none_stays_eager_until_eager_time_pays_for_a_compile():
