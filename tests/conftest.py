@@ -8,8 +8,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,19 +141,77 @@ def mlflow_server(tmp_path_factory):
         server.stop()
 
 
+class CuttableLink:
+    """A TCP relay on 127.0.0.1 in front of a server (``target_uri``), with its own ``uri``: `stop` makes the
+    server unreachable the way a crashed server is (the port refuses connections, every open connection is
+    reset), `start` makes it reachable again on the same port. The server behind it keeps running: an outage
+    of the shared session server without paying for its restart (seconds), its store untouched meanwhile."""
+
+    def __init__(self, target_uri: str) -> None:
+        self.target_port = int(target_uri.rsplit(":", 1)[1])
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> CuttableLink:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Refuse new connections and reset the open ones (RST, as the kernel does for a killed process)."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RD)  # wakes the relay thread blocked in recv()
+            sock.close()  # linger 0: a reset, not an orderly close
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # stopped
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)  # pass the end of the stream on
+        except OSError:
+            pass
+
+
 @pytest.fixture
-def mlflow_server_factory(tmp_path):
-    """``make(port=None) -> MlflowServer`` (started); every server made is stopped after the test."""
-    servers: list[MlflowServer] = []
-
-    def make(port: int | None = None, root: Path | None = None) -> MlflowServer:
-        server = MlflowServer(root or tmp_path / f"server{len(servers)}", port)
-        servers.append(server)
-        return server.start()
-
-    yield make
-    for server in servers:
-        server.stop()
+def mlflow_server_outage(mlflow_server):
+    """A `CuttableLink` (started) to the session's MLflow server: ``link.uri`` reaches the server until
+    ``link.stop()``, and again after ``link.start()`` (same port). Stopped after the test."""
+    link = CuttableLink(mlflow_server).start()
+    yield link
+    link.stop()
 
 
 @pytest.fixture(scope="session")

@@ -456,18 +456,40 @@ def test_report_and_overlap_of_a_run_create_no_store_where_none_is_configured(tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     run_id = "0123456789abcdef0123456789abcdef"
-    for argv in (["report", run_id], ["report", f"runs:/{run_id}"], ["overlap", f"runs:/{run_id}/m", "runs:/x/m"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "sparsity_callbacks", *argv],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=300,
-        )
-        assert proc.returncode == 2, proc.stderr
-        assert "no MLflow store at sqlite:///" in proc.stderr and "--tracking-uri" in proc.stderr
-        assert os.listdir(tmp_path) == [], argv
+    commands = [["report", run_id], ["report", f"runs:/{run_id}"], ["overlap", f"runs:/{run_id}/m", "runs:/x/m"]]
+    for argv, (code, err, files) in zip(commands, _main_in_a_fresh_process(commands, cwd=tmp_path, env=env)):
+        assert code == 2, err
+        assert "no MLflow store at sqlite:///" in err and "--tracking-uri" in err
+        assert files == [], argv
+
+
+_FRESH_PROCESS_MAIN = """
+import contextlib, io, json, os, sys
+from sparsity_callbacks.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, err.getvalue(), sorted(os.listdir("."))])
+print(json.dumps(results))
+"""
+
+
+def _main_in_a_fresh_process(commands: list[list[str]], cwd, env=None) -> list[tuple[int, str, list[str]]]:
+    """``(exit code, stderr, files in cwd after it)`` of each CLI command, run one after the other by `main` in
+    one fresh Python process (MLflow's process-wide defaults untouched by this test session; a hang is killed
+    by the timeout): one start-up instead of one per command."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_MAIN, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 # --- MLflow ------------------------------------------------------------------------------------
@@ -604,22 +626,15 @@ def test_diff_error_on_a_non_safetensors_file_does_not_echo_its_bytes(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
-def test_a_fifo_named_safetensors_is_refused_instead_of_hanging(tmp_path, capsys):
+def test_a_fifo_named_safetensors_is_refused_instead_of_hanging(tmp_path):
     base = tmp_path / "base.safetensors"
     save_file({"a": torch.zeros(2)}, str(base))
     folder = tmp_path / "tuned"
     folder.mkdir()
     os.mkfifo(folder / "model.safetensors")
-    script = (
-        f"import sys; from sparsity_callbacks.cli import main; sys.exit(main(['diff', {str(base)!r}, {str(folder)!r}]))"
-    )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for target in (folder, folder / "model.safetensors"):
-        done = subprocess.run(
-            [sys.executable, "-c", script.replace(repr(str(folder)), repr(str(target)))],
-            capture_output=True,
-            timeout=120,  # a hang would be killed here and fail the test
-            env={**os.environ, "PYTHONPATH": repo},
-        )
-        assert done.returncode == 1, done.stderr.decode()
-        assert "FIFO, not a regular file" in done.stderr.decode()
+    targets = [folder, folder / "model.safetensors"]
+    commands = [["diff", str(base), str(target)] for target in targets]
+    env = {**os.environ, "PYTHONPATH": REPO}  # a hang would be killed by the timeout and fail the test
+    for target, (code, err, _) in zip(targets, _main_in_a_fresh_process(commands, cwd=tmp_path, env=env)):
+        assert code == 1, (target, err)
+        assert "FIFO, not a regular file" in err, target

@@ -207,8 +207,10 @@ def test_refused_data_is_kept_in_the_fallback_file(mlflow_local, tmp_path):
     assert sum(len(r["metrics"]) for r in rows if r["type"] == "metrics") == 3 * len(_metrics(0))
 
 
-def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_factory, caplog):
-    server = mlflow_server_factory()
+def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_outage, caplog):
+    """The server goes away (connections refused and reset, as when it crashes) and comes back on the same
+    port: everything logged meanwhile arrives in the same run, with one warning and one recovery message."""
+    server = mlflow_server_outage
     sink = MLflowSink(tracking_uri=server.uri, experiment="outage", retry_interval_s=0.2)
     caplog.set_level(logging.INFO, logger="sparsity_callbacks.sinks.mlflow")
     with warnings.catch_warnings(record=True) as records:
@@ -225,7 +227,7 @@ def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_factory,
         assert not sink.flush(timeout=0.5)
         assert len(_unreachable_warnings(records)) == 1
 
-        server.start()  # same port, same sqlite file
+        server.start()  # same port, same store
         for step in range(15, 20):
             sink.log_metrics({"loss/sparsity": float(step)}, step=step)
         assert sink.flush(timeout=60)

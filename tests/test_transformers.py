@@ -527,16 +527,18 @@ def test_freeze_to_a_mask_from_an_earlier_mlflow_run(mlflow_local, tmp_path):
 
 
 # --- outage ----------------------------------------------------------------------------------------
-def test_server_outage_during_training_loses_no_metric(mlflow_server_factory, monkeypatch, tmp_path):
-    """The tracking server is killed after step 2 and started again (same port, same sqlite store) at
-    step 6: every sparsity metric of steps 1..8 arrives, in one run."""
+def test_server_outage_during_training_loses_no_metric(mlflow_server_outage, monkeypatch, tmp_path):
+    """The tracking server becomes unreachable after step 2 (connections refused and reset, as when it
+    crashes) and reachable again (same port, same store) at step 6: every sparsity metric of steps 1..8
+    arrives, in one run."""
     from mlflow.tracking import _tracking_service, fluent
 
     from sparsity_callbacks.sinks.mlflow import MLflowSinkWarning
 
-    server = mlflow_server_factory()
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+    server = mlflow_server_outage
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"outage-{tmp_path.name}-{os.getpid()}")  # the server is shared
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.chdir(tmp_path)
     old_uri, old_experiment = _tracking_service.utils._tracking_uri, fluent._active_experiment_id
