@@ -63,24 +63,30 @@ def _miss_probability(bits: int) -> float:
     return 1.0 / _MODULI[bits]
 
 
-def _residue(values: torch.Tensor, bits: int, width: int | None = None) -> torch.Tensor:
-    """Per-element fingerprint value, same shape: (raw bits as an unsigned integer) mod ``2**bits - 1``,
-    in ``[0, 2**bits - 2]``, as an integer tensor (int32, or int64 for eager 32/64-bit input). ``width``:
-    the bits that can be set (compiled: fewer digits to add), e.g. 16 for bfloat16 bits held in int32."""
+def _digit_residue(values: torch.Tensor, bits: int, width: int | None = None) -> torch.Tensor:
+    """`_residue` in shifts, masks and adds (int32; the compiled kernel's form, which inductor fuses): the sum
+    of the k-bit digits of the unsigned bits (2**k = 1 mod m). At most 8 digits: one fold leaves at most
+    m + 7 < 2 * m, so one conditional subtraction makes it the residue. ``width``: the bits that can be set
+    (fewer digits to add), e.g. 16 for bfloat16 bits held in int32."""
     modulus = _MODULI[bits]
     x = _as_bits(values)
     width = width or 8 * values.element_size()
-    if torch.compiler.is_compiling():
-        if x.element_size() < 4:
-            x = x.to(torch.int32)
-        # Sum of the k-bit digits of the unsigned bits (2**k = 1 mod m). At most 8 digits: one fold leaves
-        # at most m + 7 < 2 * m, so one conditional subtraction makes it the residue.
-        r = x & modulus
-        for shift in range(bits, width, bits):
-            r = r + ((x >> shift) & modulus)
-        if width > bits:
-            r = (r & modulus) + (r >> bits)
-        return torch.where(r >= modulus, r - modulus, r).to(torch.int32)
+    if x.element_size() < 4:
+        x = x.to(torch.int32)
+    r = x & modulus
+    for shift in range(bits, width, bits):
+        r = r + ((x >> shift) & modulus)
+    if width > bits:
+        r = (r & modulus) + (r >> bits)
+    return torch.where(r >= modulus, r - modulus, r).to(torch.int32)
+
+
+def _residue(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-element fingerprint value, same shape: (raw bits as an unsigned integer) mod ``2**bits - 1``,
+    in ``[0, 2**bits - 2]``, as an integer tensor (int32, or int64 for 32/64-bit input); eager."""
+    modulus = _MODULI[bits]
+    x = _as_bits(values)
+    width = 8 * values.element_size()
     if bits == 8 and width <= 32:
         return _residue_fields(values, bits).to(torch.int32)
     if width < 64:
@@ -195,9 +201,11 @@ def _elements_to_words(elements: torch.Tensor, chunk: int, bits: int) -> torch.T
     return words
 
 
-def _pack_planar(flags: torch.Tensor) -> torch.Tensor:
-    """Flat bool tensor of ``8 * m`` elements -> ``m`` bytes, element ``b * m + j`` in bit ``b`` of byte ``j``."""
-    return (flags.view(8, -1).view(torch.uint8) << _bit_shifts(flags.device)).sum(0, dtype=torch.uint8)
+def _pack_planar(flags: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat bool tensor of ``8 * m`` elements -> ``m`` bytes (into ``out`` when given), element ``b * m + j``
+    in bit ``b`` of byte ``j``."""
+    shifted = flags.view(8, -1).view(torch.uint8) << _bit_shifts(flags.device)
+    return torch.sum(shifted, 0, dtype=torch.uint8, out=out) if out is not None else shifted.sum(0, dtype=torch.uint8)
 
 
 def _planar_to_bool(packed: torch.Tensor) -> torch.Tensor:
@@ -232,6 +240,7 @@ def _kernel(
     atol: float,
     update: bool,
     stored_dtype: torch.dtype | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of ``8 * m`` elements, one pass: the values as stored (``current``, any float dtype) are
     converted to ``compare_dtype`` and compared with the reference by `_rules` (or through their
@@ -252,34 +261,37 @@ def _kernel(
     in vector lanes, whose bits hold the bfloat16 bits in their high half.
 
     The chunk is 8 planar rows of ``m`` (element ``b * m + j`` is row ``b``, column ``j``), so every output
-    is an elementwise function of the column: `_kernel_rows` when compiled, `_kernel_tensors` eagerly.
+    is an elementwise function of the column: `_kernel_rows` when compiled, `_kernel_eager` eagerly.
 
     Returns ``(changed, stats)``: packed changed bits (``m`` bytes) and int64 ``stats`` = [changed, some
     element NaN/inf (0/1), churn, ever-changed, changed in the own dtype] counts of the chunk. With
     ``update`` it also ORs changed into ``ever`` and stores the new fingerprints in ``previous`` (in place).
     """
-    compiling = torch.compiler.is_compiling()
+    if not compiled:
+        changed, stats = _kernel_eager(
+            [(current, reference, previous, native, ever)],
+            compare_dtype=compare_dtype,
+            fingerprint_reference=fingerprint_reference,
+            bits=bits,
+            atol=atol,
+            update=update,
+            stored_dtype=stored_dtype,
+        )
+        return changed, stats[0]
     rows_options = {}
     if stored_dtype is None:
         values = _to_compare(current, compare_dtype)
         nonfinite = _any_nonfinite(current)
-    else:
-        # compiled: no bitcast, and fused into the loop over the columns; eager: a view is free and a sum one pass
-        nonfinite = (
-            _any_nonfinite_columns(current, stored_dtype, ever.shape[0])
-            if compiling
-            else _any_nonfinite(current.view(stored_dtype))
-        )
+    else:  # no bitcast, and the NaN/inf check fused into the loop over the columns
+        nonfinite = _any_nonfinite_columns(current, stored_dtype, ever.shape[0])
         values = current
-        if stored_dtype != compare_dtype and compiling:  # float32 bits compared in bfloat16: in int32 lanes
-            widened = reference.view(torch.bfloat16).to(torch.float32).view(torch.int32)  # exact: bits << 16
-            values, reference = _bfloat16_bits(current), (widened >> 16) & 0xFFFF
+        if stored_dtype != compare_dtype:  # float32 bits compared in bfloat16: in int32 lanes
+            values = _bfloat16_bits(current)
             rows_options["width"] = 16  # bfloat16 bits in int32 lanes: two fingerprint digits, not four
-        elif stored_dtype != compare_dtype:
-            values = _as_bits(_to_compare(current.view(stored_dtype), compare_dtype))
-            reference = _as_bits(reference)
-    form = _kernel_rows if torch.compiler.is_compiling() else _kernel_tensors
-    changed, counts = form(
+            if not fingerprint_reference:  # exact: the bfloat16 reference widened, its bits << 16
+                widened = reference.view(torch.bfloat16).to(torch.float32).view(torch.int32)
+                reference = (widened >> 16) & 0xFFFF
+    changed, counts = _kernel_rows(
         current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update, **rows_options
     )
     changed_count, churn_count, ever_count, native_count = counts
@@ -304,14 +316,14 @@ def _kernel_rows(
     """`_kernel`'s compiled form: a loop over the 8 planar rows with flags, counts and fingerprint words in
     int32 lanes, which inductor fuses into loops over ``m`` without a per-element narrowing conversion
     (measured 2x faster than uint8 flags on CPU). ``width``: the bits of ``values`` that can be set
-    (`_residue`). Returns packed changed bits and the int64 counts (changed, churn, ever-changed, own-dtype
+    (`_digit_residue`). Returns packed changed bits and the int64 counts (changed, churn, ever-changed, own-dtype
     changed)."""
     m = ever.shape[0]
     rows, words_shape = values.view(8, m), (8 * bits // 32, m)
     packed = changed_count = churn_count = native_count = None
     new_rows = []
     for k in range(8):
-        fingerprint = _residue(rows[k], bits, width) if (fingerprint_reference or previous is not None) else None
+        fingerprint = _digit_residue(rows[k], bits, width) if (fingerprint_reference or previous is not None) else None
         if fingerprint_reference:
             changed = (fingerprint != _field(reference.view(words_shape), k, bits)).to(torch.int32)
         else:
@@ -323,7 +335,7 @@ def _kernel_rows(
             churn = (fingerprint != _field(previous.view(words_shape), k, bits)).to(torch.int32)
             churn_count = churn if churn_count is None else churn_count + churn
         if native is not None:
-            own = _residue(current.view(8, m)[k], bits)
+            own = _digit_residue(current.view(8, m)[k], bits)
             moved = (own != _field(native.view(words_shape), k, bits)).to(torch.int32)
             native_count = moved if native_count is None else native_count + moved
     merged = ever.to(torch.int32) | packed
@@ -342,38 +354,116 @@ def _kernel_rows(
     return packed.to(torch.uint8), counts
 
 
-def _kernel_tensors(current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update):
-    """`_kernel`'s eager form: the same results as `_kernel_rows` in a few whole-chunk tensor ops (per-op
-    dispatch costs microseconds, so eager wants few large ops: a model of many small tensors). Fingerprints
-    are compared and stored in place through `_fields_view`, one byte (k=8) per element. Flags are counted
-    with ``count_nonzero`` (measured 7x faster than ``bool.sum()`` on CPU)."""
-    m = ever.shape[0]
+#: Set bits of every byte value (uint8): popcount as one gather.
+_BYTE_POPCOUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_popcounts(device: torch.device) -> torch.Tensor:
+    if device not in _BYTE_POPCOUNTS:
+        table = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.uint8)
+        _BYTE_POPCOUNTS[device] = table.to(device)
+    return _BYTE_POPCOUNTS[device]
+
+
+def _kernel_eager(
+    members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]],
+    *,
+    compare_dtype: torch.dtype,
+    fingerprint_reference: bool,
+    bits: int,
+    atol: float,
+    update: bool,
+    stored_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_kernel`'s eager form, for one chunk or for several small tensors at once: ``members`` are
+    ``(current, reference, previous, native, ever)`` of chunks as `_kernel` takes them (several: each a whole
+    tensor, with the same options). The elementwise work (conversion, comparison, fingerprints) runs once on
+    their concatenation; per member remain the few ops that depend on its planar layout (packing, fingerprint
+    fields, counts). Per-op dispatch costs microseconds, so this is what makes a model of many small tensors
+    cheap: measured 190 -> ~50 us per tensor. Fingerprints are compared and stored in place through
+    `_fields_view`; flags are counted with ``count_nonzero`` (measured 7x faster than ``bool.sum()`` on CPU).
+
+    Returns the packed changed bits of every member, concatenated, and int64 stats of shape
+    ``(len(members), 5)`` as `_kernel` counts them; the NaN/inf flag is the group's (set on every member
+    when any has one: the tracker then counts each member exactly).
+    """
+
+    def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    current = joined([member[0] for member in members])
+    reference = None if fingerprint_reference else joined([member[1] for member in members])
+    values = current
+    if stored_dtype is None:
+        values = _to_compare(current, compare_dtype)
+        nonfinite = _any_nonfinite(current)
+    else:  # raw bits: a view is free
+        nonfinite = _any_nonfinite(current.view(stored_dtype))
+        if stored_dtype != compare_dtype:
+            values = _as_bits(_to_compare(current.view(stored_dtype), compare_dtype))
+            reference = None if reference is None else _as_bits(reference)
     per = _words_per_row(bits)
-    fingerprints = None
-    if fingerprint_reference or previous is not None:
-        fingerprints = _residue_fields(values, bits).view(8 // per, per, m)
-    if fingerprint_reference:  # the contiguous operand first: the result is laid out like it
-        flags = torch.ne(fingerprints, _fields_view(reference, bits))
+    # (empty when nothing reads them)
+    fingerprints = own = current.new_empty(0, dtype=_FIELD_DTYPES[bits])
+    if fingerprint_reference or any(member[2] is not None for member in members):
+        fingerprints = _residue_fields(values, bits)
+    if any(member[3] is not None for member in members):
+        own = _residue_fields(current, bits)
+    if reference is None:
+        flags = torch.empty(current.shape, dtype=torch.bool, device=current.device)
     else:
         flags = _changed(values, reference, atol)
-    packed = _pack_planar(flags.reshape(-1))
-    zero = ever.new_zeros((), dtype=torch.int64)
-    churn_count = native_count = zero
-    if previous is not None:
-        churn_count = torch.count_nonzero(torch.ne(fingerprints, _fields_view(previous, bits)))
-    if native is not None:
-        own = _residue_fields(current, bits).view(8 // per, per, m)
-        native_count = torch.count_nonzero(torch.ne(own, _fields_view(native, bits)))
-    if update:
-        ever.bitwise_or_(packed)
+    packed = torch.empty(current.numel() // 8, dtype=torch.uint8, device=current.device)
+    zero = packed.new_zeros((), dtype=torch.int64)
+    counts: list[torch.Tensor] = []
+    start = 0
+    for _, member_reference, previous, native, ever in members:
+        m = ever.shape[0]
+        at, bytes_at, fields_shape = slice(start, start + 8 * m), slice(start // 8, start // 8 + m), (8 // per, per, m)
+        start += 8 * m
+        if fingerprint_reference:  # the contiguous operand first: the result is laid out like it
+            torch.ne(
+                fingerprints[at].view(fields_shape),
+                _fields_view(member_reference, bits),
+                out=flags[at].view(fields_shape),
+            )
+        _pack_planar(flags[at], out=packed[bytes_at])
+        churn_count = native_count = zero
         if previous is not None:
-            _fields_view(previous, bits).copy_(fingerprints)
-    return packed, (torch.count_nonzero(flags), churn_count, _popcount(ever), native_count)
+            churn_count = torch.count_nonzero(
+                torch.ne(fingerprints[at].view(fields_shape), _fields_view(previous, bits))
+            )
+        if native is not None:
+            native_count = torch.count_nonzero(torch.ne(own[at].view(fields_shape), _fields_view(native, bits)))
+        if update:
+            ever.bitwise_or_(packed[bytes_at])
+            if previous is not None:
+                _fields_view(previous, bits).copy_(fingerprints[at].view(fields_shape))
+        counts += [torch.count_nonzero(flags[at]), churn_count, native_count]
+    evers = [member[4] for member in members]
+    ever_counts = _segment_popcounts(joined(evers), [ever.numel() for ever in evers])
+    stats = torch.stack(counts).view(-1, 3)
+    group_nonfinite = nonfinite.to(torch.int64).expand(len(members))
+    return packed, torch.stack([stats[:, 0], group_nonfinite, stats[:, 1], ever_counts, stats[:, 2]], dim=1)
+
+
+def _segment_popcounts(packed: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Set bits in each of consecutive segments of ``lengths`` bytes of ``packed``: int64, one per segment
+    (a table gather and one cumulative sum for all segments)."""
+    if len(lengths) == 1:
+        return _popcount(packed).view(1)
+    per_byte = torch.index_select(_byte_popcounts(packed.device), 0, packed.to(torch.int32))
+    running = torch.cumsum(per_byte, 0, dtype=torch.int64)
+    ends = torch.tensor(lengths, device=packed.device).cumsum(0)
+    totals = torch.cat([running.new_zeros(1), running])[ends]
+    return torch.diff(totals, prepend=totals.new_zeros(1))
 
 
 @functools.cache
 def _compiled_kernel():
-    return torch.compile(_kernel, dynamic=True)
+    # `compiled=True` selects the compiled form explicitly: torch.compiler.is_compiling() is process-wide, so
+    # while the background thread compiles, it would also send the training thread's eager calls there.
+    return torch.compile(functools.partial(_kernel, compiled=True), dynamic=True)
 
 
 #: Seconds one compilation of `_kernel` is taken to cost until one was measured in this process.

@@ -43,6 +43,7 @@ from sparsity_callbacks.reference import (
     _compiled_kernel,
     _fingerprint_words,
     _flat_chunk,
+    _kernel_eager,
     _KernelRunner,
     _miss_probability,
     _new_host_buffer,
@@ -54,6 +55,9 @@ from sparsity_callbacks.reference import (
 _log = logging.getLogger("sparsity_callbacks")
 
 _MAX_HISTORY = 4096
+#: Eager measurements concatenate tensors up to this many elements (each at most one chunk): that removes
+#: ~130 us of per-tensor op dispatch; larger concatenations measured slower (their fresh buffers page-fault).
+_GROUP_NUMEL = 1 << 18
 #: warn at the snapshot when fewer reference elements than this are exactly representable in compare_dtype
 _REPRESENTABLE_WARN_BELOW = 0.99
 
@@ -186,19 +190,42 @@ class SparsityTracker:
         cfg = self.config
         has_churn = cfg.track_churn and self._has_previous
         began = time.perf_counter()
-        stats: dict[torch.device, list[torch.Tensor]] = {}
+        stats: dict[torch.device, list[torch.Tensor]] = {}  # (rows, 5) per kernel call
         owners: dict[torch.device, list[int]] = {}
+        # Eagerly, small tensors are measured together, up to `_GROUP_NUMEL` elements (`_kernel_eager`).
+        eager = not (self._kernel.use_compile is True or self._kernel.compiled)
+        groups: dict[tuple, list[tuple[int, torch.Tensor, _TensorState]]] = {}
+        group_numel: dict[tuple, int] = {}
+
+        def run_group(key: tuple) -> None:
+            members = groups.pop(key)
+            device = members[0][1].device
+            stats.setdefault(device, []).append(self._run_group([(flat, state) for _, flat, state in members]))
+            owners.setdefault(device, []).extend(index for index, _, _ in members)
+
         for index, tracked in enumerate(self._tracked):
             state = self._states[tracked.name]
             flat = self._local_flat(params[tracked.name], tracked.name, state)
-            for start, end in _chunks(state.ever.numel() * 8, self._chunk):
-                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[1])
+            padded = state.ever.numel() * 8
+            if eager and 0 < padded <= min(self._chunk, _GROUP_NUMEL):
+                key = (flat.device, flat.dtype, state.dtype, state.native is None)
+                if key in groups and group_numel[key] + padded > min(self._chunk, _GROUP_NUMEL):
+                    run_group(key)
+                if key not in groups:
+                    groups[key], group_numel[key] = [], 0
+                groups[key].append((index, flat, state))
+                group_numel[key] += padded
+                continue
+            for start, end in _chunks(padded, self._chunk):
+                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[1][None])
                 owners.setdefault(flat.device, []).append(index)
+        for key in list(groups):
+            run_group(key)
         # Per tensor: changed, NaN/inf flag, churn, ever-changed (summed over its chunks), local numel, and
         # changed in the parameters' own dtype (with a compare dtype).
         counts = torch.zeros(len(self._tracked), 5, dtype=torch.int64)
         for device, rows in stats.items():  # one sync per device
-            counts.index_add_(0, torch.tensor(owners[device]), torch.stack(rows).cpu())
+            counts.index_add_(0, torch.tensor(owners[device]), torch.cat(rows).cpu())
         totals = torch.zeros(len(self._tracked), 6, dtype=torch.int64)
         totals[:, :4], totals[:, 5] = counts[:, :4], counts[:, 4]
         totals[:, 1].clamp_(max=1)
@@ -484,6 +511,11 @@ class SparsityTracker:
         return state, nonfinite, representable
 
     def _run_chunk(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
+        args, options = self._chunk_inputs(flat, state, start, end, update=update)
+        return self._kernel(*args, **options)
+
+    def _chunk_inputs(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
+        """``(args, kwargs)`` of `_kernel` for elements ``[start, end)`` of a tensor's padded flat values."""
         current = _flat_chunk(flat, start, end, flat.dtype)  # as stored: the kernel converts (one pass)
         bits = self.config.fingerprint_bits
         words = slice(start * bits // 32, end * bits // 32)
@@ -493,8 +525,16 @@ class SparsityTracker:
         previous = state.previous[words] if (state.previous is not None and self.config.track_churn) else None
         native = None if state.native is None else state.native[words]
         ever = state.ever[start // 8 : end // 8]
-        args, options = self._kernel_inputs(current, reference, previous, native, ever, state, update=update)
-        return self._kernel(*args, **options)
+        return self._kernel_inputs(current, reference, previous, native, ever, state, update=update)
+
+    def _run_group(self, members: list[tuple[torch.Tensor, _TensorState]]) -> torch.Tensor:
+        """Measure (and update) whole single-chunk tensors of the same dtypes and device together, eagerly
+        (`_kernel_eager`): ``members`` are (local flat values, state); returns their ``(len(members), 5)`` stats."""
+        chunks, options = [], {}
+        for flat, state in members:
+            args, options = self._chunk_inputs(flat, state, 0, state.ever.numel() * 8, update=True)
+            chunks.append(args)
+        return _kernel_eager(chunks, **options)[1]
 
     def _kernel_inputs(self, current, reference, previous, native, ever, state: _TensorState, *, update: bool):
         """``(args, kwargs)`` of `_kernel` for one chunk: raw bits when no conversion or atol is involved (an

@@ -12,13 +12,13 @@ from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _bfloat16_b
 from sparsity_callbacks.reference import (
     _bits_input,
     _compiled_kernel,
+    _digit_residue,
     _elements_to_words,
     _fingerprint,
     _fingerprint_words,
     _kernel,
     _KernelRunner,
     _planar_to_bool,
-    _residue,
     _words_to_elements,
 )
 
@@ -174,7 +174,13 @@ def test_fingerprint_eager_equals_digit_sum_definition():
 @pytest.mark.parametrize("bits", [8, 16])
 def test_compiled_fingerprint_digit_sum_equals_eager_on_every_width(bits):
     gen = torch.Generator().manual_seed(5)
-    residue = torch.compile(_residue, dynamic=True)
+    compiled = torch.compile(_digit_residue, dynamic=True)
+
+    def residue(*args):  # the compiled form, and the same function run eagerly
+        eager = _digit_residue(*args)
+        assert torch.equal(compiled(*args), eager)
+        return eager
+
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         values = torch.randn(5000, generator=gen).to(dtype)
         values[:6] = torch.tensor([float("nan"), float("-inf"), -0.0, -1e-40, -3e38, 1.0]).to(dtype)
@@ -316,3 +322,81 @@ def test_compiled_bfloat16_kernel_equals_eager_and_the_rules_on_every_bfloat16_p
         native = int((_fingerprint(current, 8) != _fingerprint(reference.float(), 8)).sum())
         assert stats.tolist() == [int(expected.sum()), 1, churn, int(expected.sum()), native], name
     assert 0 < int(expected.sum()) < expected.numel()
+
+
+def _mixed_model() -> torch.nn.Module:
+    """Small tensors of odd sizes (padding), float32 and bfloat16 (separate groups), one NaN, and one tensor
+    larger than a group (measured on its own)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [13, 64, 1000, 7, 4096, 333, 2**18 + 24]
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
+    params += [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16()) for n in (40, 17)]
+    return torch.nn.ParameterList(params)
+
+
+def _step(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            flat = p.view(-1)
+            picked = torch.rand(flat.shape, generator=gen) < 0.3
+            flat[picked] += (1e-3 * torch.randn(flat.shape, generator=gen)).to(p.dtype)[picked]
+            if i == 1 and seed == 2:
+                flat[5] = float("nan")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "exact"},
+        {"mode": "fingerprint"},
+        {"mode": "exact", "compare_dtype": "bfloat16"},
+        {"mode": "fingerprint", "compare_dtype": "bfloat16", "fingerprint_bits": 16},
+    ],
+)
+def test_small_tensors_measured_together_give_the_per_tensor_results_bit_for_bit(options, monkeypatch):
+    import sparsity_callbacks.tracker as tracker_module
+
+    results = []
+    for group_numel in (tracker_module._GROUP_NUMEL, 0):  # grouped, then one tensor per kernel call
+        monkeypatch.setattr(tracker_module, "_GROUP_NUMEL", group_numel)
+        model = _mixed_model()
+        tracker = SparsityTracker(model, compile=False, **options)
+        tracker.snapshot()
+        measurements = []
+        for step in range(1, 4):
+            _step(model, step)
+            with pytest.warns(UserWarning, match="NaN or inf") if step == 2 else _no_warning():
+                measurements.append(tracker.measure(step).to_dict())
+        results.append((measurements, tracker.state_dict()["tensors"], tracker.changed_mask()))
+    (grouped, grouped_state, grouped_mask), (single, single_state, single_mask) = results
+    assert grouped == single
+    assert grouped[1]["nonfinite"] == 1 and grouped[2]["churn_fraction"] > 0
+    assert grouped_state.keys() == single_state.keys()
+    for key, tensor in grouped_state.items():
+        assert torch.equal(tensor.view(torch.uint8), single_state[key].view(torch.uint8)), key
+    for name in grouped_mask.names:
+        assert torch.equal(grouped_mask[name], single_mask[name]), name
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_eager_measurement_while_another_thread_compiles_is_unaffected(monkeypatch):
+    """torch.compiler.is_compiling() is process-wide: while the background thread compiles, it is True on
+    the training thread too. The eager kernel must not take the compiled form's branches then (with
+    fingerprints compared in bfloat16 that crashed on a reshaped reference)."""
+    results = []
+    for compiling_elsewhere in (False, True):
+        model = _mixed_model()
+        tracker = SparsityTracker(model, compile=False, mode="fingerprint", compare_dtype="bfloat16")
+        tracker.snapshot()
+        _step(model, 1)
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", compiling_elsewhere, raising=False)
+        assert torch.compiler.is_compiling() is compiling_elsewhere
+        results.append(tracker.measure(1).to_dict())
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", False, raising=False)
+    assert results[0] == results[1] and results[0]["changed_fraction"] > 0
