@@ -4,6 +4,7 @@ exercises the measure and freeze sections (figures are not checked: timings belo
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 
@@ -25,11 +26,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_gpu_script_without_cuda_exits_2_and_says_why():
-    result = _run()
-    assert result.returncode == 2, result.stderr
-    assert "CUDA is not available" in result.stderr and "--device cpu --small" in result.stderr
-    assert "| measure |" not in result.stdout
+def test_gpu_script_without_cuda_exits_2_and_says_why(monkeypatch, capsys):
+    # in this process (it stops before measuring anything): the script as __main__, its exit code from sys.exit
+    monkeypatch.setattr(sys, "argv", [_GPU])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(_GPU, run_name="__main__")
+    captured = capsys.readouterr()
+    assert stop.value.code == 2, captured.err
+    assert "CUDA is not available" in captured.err and "--device cpu --small" in captured.err
+    assert "| measure |" not in captured.out
 
 
 @pytest.mark.slow
@@ -42,14 +47,15 @@ def test_gpu_script_cpu_dry_run_prints_one_table():
     assert "| freeze | 3 optimizers x 2 variants | 6/6 bit-identical |" in lines
 
 
-def test_freeze_memory_script_prints_the_table():
+def test_freeze_memory_script_prints_the_table(monkeypatch, capsys):
+    """The script as __main__ in this process; its memory runs are still fresh subprocesses of the script
+    (peak RSS per configuration), which is where a broken script-mode import would show."""
     script = os.path.join(_ROOT, "benchmarks", "freeze_memory.py")
-    env = {**os.environ, "PYTHONPATH": _ROOT, "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("PYTHONPATH", _ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["--width", "64", "--layers", "2", "--rows", "8", "--repeats", "1", "--warmup", "0", "--densities", "0.2"]
-    result = subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, timeout=600, env=env, cwd=_ROOT
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| 20% |")]
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(script, run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20% |")]
     assert [row.split(" | ")[1] for row in rows] == ["dense", "compact"]
     assert "x dense)" in rows[1]
