@@ -400,3 +400,23 @@ def test_eager_measurement_while_another_thread_compiles_is_unaffected(monkeypat
         results.append(tracker.measure(1).to_dict())
         monkeypatch.setattr(torch.compiler, "_is_compiling_flag", False, raising=False)
     assert results[0] == results[1] and results[0]["changed_fraction"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_trackers_agree_on_fingerprints_compared_in_bfloat16():
+    """Compiled, the bfloat16 widening of an exact reference was once applied to fingerprint words too: in
+    fingerprint mode with compare_dtype="bfloat16" the compiled kernel counted about twice the changes."""
+    results = []
+    for compile in (False, True):
+        model = _mixed_model()
+        tracker = SparsityTracker(model, compile=compile, mode="fingerprint", compare_dtype="bfloat16")
+        tracker.snapshot()
+        measurements = []
+        for step in (1, 3):  # no NaN (step 2 writes one)
+            _step(model, step)
+            measurements.append(tracker.measure(step).to_dict())
+        assert tracker._kernel.compiled is compile
+        results.append((measurements, tracker.ever_changed_mask()))
+    (eager, eager_mask), (compiled, compiled_mask) = results
+    assert eager == compiled and 0 < eager[0]["changed_fraction"] < 1
+    assert all(torch.equal(eager_mask[name], compiled_mask[name]) for name in eager_mask.names)
