@@ -190,42 +190,7 @@ class SparsityTracker:
         cfg = self.config
         has_churn = cfg.track_churn and self._has_previous
         began = time.perf_counter()
-        stats: dict[torch.device, list[torch.Tensor]] = {}  # (rows, 5) per kernel call
-        owners: dict[torch.device, list[int]] = {}
-        # Eagerly, small tensors are measured together, up to `_GROUP_NUMEL` elements (`_kernel_eager`).
-        eager = not (self._kernel.use_compile is True or self._kernel.compiled)
-        groups: dict[tuple, list[tuple[int, torch.Tensor, _TensorState]]] = {}
-        group_numel: dict[tuple, int] = {}
-
-        def run_group(key: tuple) -> None:
-            members = groups.pop(key)
-            device = members[0][1].device
-            stats.setdefault(device, []).append(self._run_group([(flat, state) for _, flat, state in members]))
-            owners.setdefault(device, []).extend(index for index, _, _ in members)
-
-        for index, tracked in enumerate(self._tracked):
-            state = self._states[tracked.name]
-            flat = self._local_flat(params[tracked.name], tracked.name, state)
-            padded = state.ever.numel() * 8
-            if eager and 0 < padded <= min(self._chunk, _GROUP_NUMEL):
-                key = (flat.device, flat.dtype, state.dtype, state.native is None)
-                if key in groups and group_numel[key] + padded > min(self._chunk, _GROUP_NUMEL):
-                    run_group(key)
-                if key not in groups:
-                    groups[key], group_numel[key] = [], 0
-                groups[key].append((index, flat, state))
-                group_numel[key] += padded
-                continue
-            for start, end in _chunks(padded, self._chunk):
-                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[1][None])
-                owners.setdefault(flat.device, []).append(index)
-        for key in list(groups):
-            run_group(key)
-        # Per tensor: changed, NaN/inf flag, churn, ever-changed (summed over its chunks), local numel, and
-        # changed in the parameters' own dtype (with a compare dtype).
-        counts = torch.zeros(len(self._tracked), 5, dtype=torch.int64)
-        for device, rows in stats.items():  # one sync per device
-            counts.index_add_(0, torch.tensor(owners[device]), torch.cat(rows).cpu())
+        counts = self._count_all(params)
         totals = torch.zeros(len(self._tracked), 6, dtype=torch.int64)
         totals[:, :4], totals[:, 5] = counts[:, :4], counts[:, 4]
         totals[:, 1].clamp_(max=1)
@@ -509,6 +474,46 @@ class SparsityTracker:
             native=native,
         )
         return state, nonfinite, representable
+
+    def _count_all(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the kernel over every tracked tensor, updating the ever-changed bits and churn fingerprints.
+        Returns int64 counts per tracked tensor (CPU, ``(n, 5)``): changed, some element NaN/inf (> 0), churn,
+        ever-changed and changed in the parameters' own dtype (with a compare dtype), summed over chunks.
+        Eagerly, small tensors run together, up to `_GROUP_NUMEL` elements per `_kernel_eager` call."""
+        stats: dict[torch.device, list[torch.Tensor]] = {}  # (rows, 5) per kernel call
+        owners: dict[torch.device, list[int]] = {}
+        group_limit = min(self._chunk, _GROUP_NUMEL) if not (self._kernel.use_compile or self._kernel.compiled) else 0
+        groups: dict[tuple, list[tuple[int, torch.Tensor, _TensorState]]] = {}
+        group_numel: dict[tuple, int] = {}
+
+        def run_group(key: tuple) -> None:
+            members = groups.pop(key)
+            device = members[0][1].device
+            stats.setdefault(device, []).append(self._run_group([(flat, state) for _, flat, state in members]))
+            owners.setdefault(device, []).extend(index for index, _, _ in members)
+
+        for index, tracked in enumerate(self._tracked):
+            state = self._states[tracked.name]
+            flat = self._local_flat(params[tracked.name], tracked.name, state)
+            padded = state.ever.numel() * 8
+            if 0 < padded <= group_limit:
+                key = (flat.device, flat.dtype, state.dtype, state.native is None)
+                if key in groups and group_numel[key] + padded > group_limit:
+                    run_group(key)
+                if key not in groups:
+                    groups[key], group_numel[key] = [], 0
+                groups[key].append((index, flat, state))
+                group_numel[key] += padded
+                continue
+            for start, end in _chunks(padded, self._chunk):
+                stats.setdefault(flat.device, []).append(self._run_chunk(flat, state, start, end, update=True)[1][None])
+                owners.setdefault(flat.device, []).append(index)
+        for key in list(groups):
+            run_group(key)
+        counts = torch.zeros(len(self._tracked), 5, dtype=torch.int64)
+        for device, rows in stats.items():  # one sync per device
+            counts.index_add_(0, torch.tensor(owners[device]), torch.cat(rows).cpu())
+        return counts
 
     def _run_chunk(self, flat: torch.Tensor, state: _TensorState, start: int, end: int, *, update: bool):
         args, options = self._chunk_inputs(flat, state, start, end, update=update)
