@@ -380,8 +380,9 @@ def _kernel_eager(
     tensor, with the same options). The elementwise work (conversion, comparison, fingerprints) runs once on
     their concatenation; per member remain the few ops that depend on its planar layout (packing, fingerprint
     fields, counts). Per-op dispatch costs microseconds, so this is what makes a model of many small tensors
-    cheap: measured 190 -> ~50 us per tensor. Fingerprints are compared and stored in place through
-    `_fields_view`; flags are counted with ``count_nonzero`` (measured 7x faster than ``bool.sum()`` on CPU).
+    cheap: measured 183 -> 58 us per tensor (400 tensors of 64 elements, CPU). Fingerprints are compared and
+    stored in place through `_fields_view`; flags are counted with ``count_nonzero`` (measured 7x faster than
+    ``bool.sum()`` on CPU).
 
     Returns the packed changed bits of every member, concatenated, and int64 stats of shape
     ``(len(members), 5)`` as `_kernel` counts them; the NaN/inf flag is the group's (set on every member

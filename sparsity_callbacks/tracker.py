@@ -56,7 +56,7 @@ _log = logging.getLogger("sparsity_callbacks")
 
 _MAX_HISTORY = 4096
 #: Eager measurements concatenate tensors up to this many elements (each at most one chunk): that removes
-#: ~130 us of per-tensor op dispatch; larger concatenations measured slower (their fresh buffers page-fault).
+#: ~125 us of per-tensor op dispatch; larger concatenations measured slower (their fresh buffers page-fault).
 _GROUP_NUMEL = 1 << 18
 #: warn at the snapshot when fewer reference elements than this are exactly representable in compare_dtype
 _REPRESENTABLE_WARN_BELOW = 0.99
