@@ -460,11 +460,25 @@ def _segment_popcounts(packed: torch.Tensor, lengths: list[int]) -> torch.Tensor
     return torch.diff(totals, prepend=totals.new_zeros(1))
 
 
+#: Variants of `_kernel` (dtypes, options, size specialisations) one process may compile. torch's default
+#: limit, 8 per function, silently runs every further variant eagerly (a process with several trackers, or
+#: this project's test suite, reached it); raising it only allows more compilations.
+_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_kernel():
-    # `compiled=True` selects the compiled form explicitly: torch.compiler.is_compiling() is process-wide, so
-    # while the background thread compiles, it would also send the training thread's eager calls there.
-    return torch.compile(functools.partial(_kernel, compiled=True), dynamic=True)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    return torch.compile(_compiled_form, dynamic=True)
+
+
+def _compiled_form(*args, **kwargs):
+    """`_kernel`'s compiled form, selected explicitly: torch.compiler.is_compiling() is process-wide, so
+    while the background thread compiles, it would also send the training thread's eager calls there. (Its
+    code object holds the compiled variants: `_RECOMPILE_LIMIT`.)"""
+    return _kernel(*args, compiled=True, **kwargs)
 
 
 #: Seconds one compilation of `_kernel` is taken to cost until one was measured in this process.

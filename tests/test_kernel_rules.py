@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from sparsity_callbacks import SparsityTracker
 from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _bfloat16_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
+    _RECOMPILE_LIMIT,
     _bits_input,
+    _compiled_form,
     _compiled_kernel,
     _digit_residue,
     _elements_to_words,
@@ -416,6 +419,8 @@ def test_compiled_and_eager_trackers_agree_on_fingerprints_compared_in_bfloat16(
             _step(model, step)
             measurements.append(tracker.measure(step).to_dict())
         assert tracker._kernel.compiled is compile
+        if compile:  # compiled for real: torch's recompile limit would have run it eagerly without a word
+            assert 0 < len(_debug_get_cache_entry_list(_compiled_form.__code__)) < _RECOMPILE_LIMIT
         results.append((measurements, tracker.ever_changed_mask()))
     (eager, eager_mask), (compiled, compiled_mask) = results
     assert eager == compiled and 0 < eager[0]["changed_fraction"] < 1
