@@ -131,6 +131,20 @@ class MlflowServer:
             time.sleep(0.1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """One intra-op thread for every test, on purpose (the in-process rank of the distributed tests set it
+    anyway, so which tests ran with two depended on their order): the models are tiny, and on a busy 2-core
+    machine OpenMP spin-waiting makes them up to ~100x slower. Results do not depend on it: the kernels'
+    counts are integer sums, and exactness is checked bit for bit either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """URI (``http://127.0.0.1:<port>``) of a real MLflow server shared by the session."""

@@ -26,16 +26,6 @@ _INT_VIEW = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP spin-waiting makes
-    them ~100x slower; restore the caller's setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().view(_INT_VIEW[t.dtype])

@@ -25,14 +25,6 @@ VARIANTS = ["plain", "clip_norm", "accumulate"]
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mixed_mask(model, density: float = 0.3) -> Mask:
     """Random partly frozen tensors, a fully frozen embedding and a fully trainable head."""
     masks = dict(_random_mask(model, density).items())
