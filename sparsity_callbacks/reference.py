@@ -1,6 +1,7 @@
 """How the reference is held and compared: per-chunk kernels for `exact` and `fingerprint` modes. What
 counts as changed is `_rules`; this module applies it chunk by chunk (the hot loop of `measure()` is
-`_kernel`, called once per chunk from `SparsityTracker._run_chunk`).
+`_kernel`, called once per chunk from `SparsityTracker._run_chunk`; eagerly, small tensors go together
+through `_kernel_eager` from `SparsityTracker._run_group`).
 
 Layout: every per-tensor state is a flat tensor padded to a multiple of 8 elements and processed in
 chunks of ``chunk`` elements (a multiple of 8). Bit masks (changed, ever-changed) are packed *planar
@@ -16,8 +17,9 @@ detected. Since 2**k = 1 (mod m), x mod m is the sum of x's k-bit digits folded 
 and adds, which `torch.compile` fuses into the measuring loop; eager torch looks the sum of the two
 16-bit halves up in a table instead (fewer eager kernels). Both give the same values. In memory the
 fingerprints of a chunk are packed into int32 words, planar like the bits (`_pack_words`: word ``[h, j]``
-holds rows ``4h..4h+3`` of column ``j`` for k=8); tracker state files keep one per element
-(`_words_to_elements`), so they do not depend on the chunk size.
+holds rows ``4h..4h+3`` of column ``j`` for k=8; eager code reads and writes them through a byte view,
+`_fields_view`); tracker state files keep one per element (`_words_to_elements`), so they do not depend on
+the chunk size.
 
 One pass per chunk: `_kernel` converts to the compare dtype, compares, fingerprints, packs and counts
 (changed, churn, ever-changed, own-dtype changed, a NaN/inf flag) together; compiled, that is a fused
