@@ -68,9 +68,16 @@ def _bfloat16_bits(float32_bits: torch.Tensor) -> torch.Tensor:
     ``[0, 2**16)``: round to nearest even (what ``Tensor.to`` does), every NaN the canonical ``0x7FC0``.
     Integer arithmetic only, so a compiled loop needs no float conversion (`tests/test_kernel_rules.py`
     checks it against ``Tensor.to`` on every special case)."""
+    return (_bfloat16_high_bits(float32_bits) >> 16) & 0xFFFF
+
+
+def _bfloat16_high_bits(float32_bits: torch.Tensor) -> torch.Tensor:
+    """`_bfloat16_bits` in the high half of int32 lanes (low half zero): the float32 bits of the converted value
+    (bfloat16 widens exactly). The compiled kernel compares and fingerprints this form: two ops fewer than
+    shifting the result down."""
     u = float32_bits
-    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
-    return torch.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) & -65536  # round to nearest even in the high half
+    return torch.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, rounded)
 
 
 def _representable(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

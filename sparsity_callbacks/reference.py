@@ -42,9 +42,8 @@ from sparsity_callbacks._rules import (
     EXPONENT_MASKS,
     _any_nonfinite,
     _as_bits,
-    _bfloat16_bits,
+    _bfloat16_high_bits,
     _changed,
-    _nonfinite_bits,
     _to_compare,
 )
 
@@ -65,22 +64,36 @@ def _miss_probability(bits: int) -> float:
     return 1.0 / _MODULI[bits]
 
 
-def _digit_residue(values: torch.Tensor, bits: int, width: int | None = None) -> torch.Tensor:
+def _digit_residue(
+    values: torch.Tensor, bits: int, width: int | None = None, below_all_ones: bool = False
+) -> torch.Tensor:
     """`_residue` in shifts, masks and adds (int32; the compiled kernel's form, which inductor fuses): the sum
-    of the k-bit digits of the unsigned bits (2**k = 1 mod m). At most 8 digits: one fold leaves at most
-    m + 7 < 2 * m, so one conditional subtraction makes it the residue. ``width``: the bits that can be set
-    (fewer digits to add), e.g. 16 for bfloat16 bits held in int32."""
+    of the k-bit digits of the unsigned bits (2**k = 1 mod m), folded and reduced without comparisons or
+    selects (each costs mask conversions in inductor's vector code). ``width``: the bits that can be set (fewer
+    digits to add), e.g. 16 for bfloat16 bits held in int32, which are then non-negative;
+    ``below_all_ones``: those ``width`` bits are never all set (bfloat16 bits from `_rules._bfloat16_bits`,
+    whose NaN is canonical), which bounds the digit sum below ``2 * m``: no fold."""
     modulus = _MODULI[bits]
     x = _as_bits(values)
+    bounded = width is not None  # the caller promises 0 <= x < 2**width: the top digit needs no mask
     width = width or 8 * values.element_size()
     if x.element_size() < 4:
         x = x.to(torch.int32)
-    r = x & modulus
-    for shift in range(bits, width, bits):
-        r = r + ((x >> shift) & modulus)
-    if width > bits:
+    if bits == 8 and width == 32:  # SWAR: byte pairs in two 16-bit lanes, then the lanes
+        pairs = (x & 0x00FF00FF) + ((x >> 8) & 0x00FF00FF)
+        r = (pairs & 0xFFFF) + (pairs >> 16)
+    else:
+        r = x & modulus
+        for shift in range(bits, width, bits):
+            digit = x >> shift
+            r = r + (digit if bounded and shift + bits >= width else digit & modulus)
+    bound = -(-width // bits) * modulus - int(below_all_ones)  # the largest digit sum
+    if bound >= 2 * modulus:  # one fold leaves at most m + bound // 2**k < 2 * m
         r = (r & modulus) + (r >> bits)
-    return torch.where(r >= modulus, r - modulus, r).to(torch.int32)
+        bound = modulus + (bound >> bits)
+    if bound >= modulus:  # r - m where r >= m: the smaller of r and (r - m) with a negative made huge
+        r = torch.minimum(r, (r - modulus) & 0x7FFFFFFF)
+    return r.to(torch.int32)
 
 
 def _residue(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -288,11 +301,10 @@ def _kernel(
         nonfinite = _any_nonfinite_columns(current, stored_dtype, ever.shape[0])
         values = current
         if stored_dtype != compare_dtype:  # float32 bits compared in bfloat16: in int32 lanes
-            values = _bfloat16_bits(current)
-            rows_options["width"] = 16  # bfloat16 bits in int32 lanes: two fingerprint digits, not four
-            if not fingerprint_reference:  # exact: the bfloat16 reference widened, its bits << 16
-                widened = reference.view(torch.bfloat16).to(torch.float32).view(torch.int32)
-                reference = (widened >> 16) & 0xFFFF
+            values = _bfloat16_high_bits(current)
+            rows_options["high_half"] = True
+            if not fingerprint_reference:  # exact: the bfloat16 reference widened, its bits in the high half
+                reference = reference.view(torch.bfloat16).to(torch.float32).view(torch.int32)
     changed, counts = _kernel_rows(
         current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update, **rows_options
     )
@@ -301,58 +313,79 @@ def _kernel(
 
 
 def _any_nonfinite_columns(bits: torch.Tensor, dtype: torch.dtype, m: int) -> torch.Tensor:
-    """`_rules._any_nonfinite_bits` of a chunk of ``8 * m`` raw bits as 8 planar rows: an OR over the rows,
-    then a reduction over the ``m`` columns, which inductor fuses into the kernel's loop over the columns
-    (a reduction over all ``8 * m`` elements is a second pass over the chunk)."""
+    """`_rules._any_nonfinite_bits` of a chunk of ``8 * m`` raw bits as 8 planar rows: the largest magnitude
+    (bits without the sign) over the rows, compared once per column and reduced over the ``m`` columns, which
+    inductor fuses into the kernel's loop over the columns (a reduction over all ``8 * m`` elements is a
+    second pass over the chunk). NaN or inf iff the magnitude reaches the all-ones exponent."""
     rows = bits.view(8, m)
-    flags = None
+    no_sign = (1 << (8 * bits.element_size() - 1)) - 1
+    magnitude = None
     for k in range(8):
-        flag = _nonfinite_bits(rows[k], dtype)
-        flags = flag if flags is None else flags | flag
-    return flags.any()
+        row = rows[k] & no_sign
+        magnitude = row if magnitude is None else torch.maximum(magnitude, row)
+    return (magnitude >= EXPONENT_MASKS[dtype]).any()
+
+
+def _fields_differing(words: torch.Tensor, other: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per column: how many of the 8 fingerprint fields differ between two ``(8 // per, m)`` word blocks
+    (int32 in [0, 8]). Each field of ``words ^ other`` is ORed down into its lowest bit (shifts within the
+    field only), and the fields' bits are added across the words, then across the fields: about a third of
+    the ops of comparing field by field."""
+    flags = None
+    for h in range(words.shape[0]):
+        x = words[h] ^ other[h]
+        for shift in (4, 2, 1) if bits == 8 else (8, 4, 2, 1):
+            x = x | (x >> shift)
+        x = x & (0x01010101 if bits == 8 else 0x00010001)
+        flags = x if flags is None else flags + x
+    flags = flags + (flags >> 16)
+    if bits == 8:
+        flags = flags + (flags >> 8)
+    return flags & 0xFF
 
 
 def _kernel_rows(
-    current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update, width=None
+    current, values, reference, previous, native, ever, fingerprint_reference, bits, atol, update, high_half=False
 ):
     """`_kernel`'s compiled form: a loop over the 8 planar rows with flags, counts and fingerprint words in
     int32 lanes, which inductor fuses into loops over ``m`` without a per-element narrowing conversion
-    (measured 2x faster than uint8 flags on CPU). ``width``: the bits of ``values`` that can be set
-    (`_digit_residue`). Returns packed changed bits and the int64 counts (changed, churn, ever-changed, own-dtype
-    changed)."""
+    (measured 2x faster than uint8 flags on CPU). ``high_half``: ``values`` are bfloat16 bits in the high half
+    of int32 lanes (`_rules._bfloat16_high_bits`), compared as they are with a widened reference and
+    fingerprinted from their low 16 bits. Churn and own-dtype changes are counted on packed words
+    (`_fields_differing`). Returns packed changed bits and the int64 counts (changed, churn, ever-changed,
+    own-dtype changed)."""
     m = ever.shape[0]
     rows, words_shape = values.view(8, m), (8 * bits // 32, m)
-    packed = changed_count = churn_count = native_count = None
-    new_rows = []
+    packed = changed_count = None
+    fingerprints, owns = [], []
     for k in range(8):
-        fingerprint = _digit_residue(rows[k], bits, width) if (fingerprint_reference or previous is not None) else None
+        if fingerprint_reference or previous is not None:
+            if high_half:
+                fingerprints.append(_digit_residue((rows[k] >> 16) & 0xFFFF, bits, 16, below_all_ones=True))
+            else:
+                fingerprints.append(_digit_residue(rows[k], bits))
         if fingerprint_reference:
-            changed = (fingerprint != _field(reference.view(words_shape), k, bits)).to(torch.int32)
+            changed = (fingerprints[k] != _field(reference.view(words_shape), k, bits)).to(torch.int32)
         else:
             changed = _changed(rows[k], reference.view(8, m)[k], atol).to(torch.int32)
         packed = changed if packed is None else packed | (changed << k)
         changed_count = changed if changed_count is None else changed_count + changed
-        if previous is not None:
-            new_rows.append(fingerprint)
-            churn = (fingerprint != _field(previous.view(words_shape), k, bits)).to(torch.int32)
-            churn_count = churn if churn_count is None else churn_count + churn
         if native is not None:
-            own = _digit_residue(current.view(8, m)[k], bits)
-            moved = (own != _field(native.view(words_shape), k, bits)).to(torch.int32)
-            native_count = moved if native_count is None else native_count + moved
+            owns.append(_digit_residue(current.view(8, m)[k], bits))
     merged = ever.to(torch.int32) | packed
     ever_count = _pop32(merged).sum(dtype=torch.int64)
+    zero = ever.new_zeros((), dtype=torch.int64)
+    churn_count = native_count = zero
+    if previous is not None:
+        new_words = _pack_words(fingerprints, bits)
+        churn_count = _fields_differing(new_words, previous.view(words_shape), bits).sum(dtype=torch.int64)
+    if native is not None:
+        native_count = _fields_differing(_pack_words(owns, bits), native.view(words_shape), bits).sum(dtype=torch.int64)
     if update:
         ever.copy_(merged.to(torch.uint8))
         if previous is not None:
-            previous.view(words_shape).copy_(_pack_words(new_rows, bits))
-    zero = ever.new_zeros((), dtype=torch.int64)
-    counts = (
-        changed_count.sum(dtype=torch.int64),
-        zero if churn_count is None else churn_count.sum(dtype=torch.int64),
-        ever_count,
-        zero if native_count is None else native_count.sum(dtype=torch.int64),
-    )
+            previous.view(words_shape).copy_(new_words)
+    counts = (changed_count.sum(dtype=torch.int64), churn_count, ever_count, native_count)
     return packed.to(torch.uint8), counts
 
 
@@ -473,6 +506,7 @@ def _compiled_kernel():
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    _vectorize_cpu_bitcast()
     return torch.compile(_compiled_form, dynamic=True)
 
 
@@ -481,6 +515,38 @@ def _compiled_form(*args, **kwargs):
     while the background thread compiles, it would also send the training thread's eager calls there. (Its
     code object holds the compiled variants: `_RECOMPILE_LIMIT`.)"""
     return _kernel(*args, compiled=True, **kwargs)
+
+
+def _vectorize_cpu_bitcast() -> None:
+    """Teach inductor's CPU vector code a float32 <-> int32 bitcast (once per process). Inductor (torch 2.13) has
+    no vector form of ``Tensor.view(dtype)`` and emits a store, a scalar loop and a load per vector instead, which
+    the exact bfloat16 comparison needs once per element (the widened reference's bits): measured 1.3x slower
+    per chunk. ``at::vec::cast`` reinterprets the same bits in a register (ATen's own vector API, defined on every
+    ISA). Only single-vector float32/int32 operands are handled; anything else keeps inductor's form, and where
+    inductor's internals differ nothing is changed (the kernel is then only slower). Bit for bit the same
+    values, so other compiled code in the process is unaffected but for speed."""
+    try:
+        from torch._inductor.codegen import cpp
+        from torch._inductor.virtualized import V
+    except ImportError:
+        return
+    overrides = getattr(cpp, "CppVecOverrides", None)
+    scalar_form = getattr(overrides, "to_dtype_bitcast", None)
+    if scalar_form is None or getattr(scalar_form, "_sparsity_callbacks", False):
+        return
+    types = {torch.float32: "float", torch.int32: "int32_t"}
+
+    def to_dtype_bitcast(x, dtype, src_dtype):
+        try:
+            single = V.kernel._get_num_vectors(src_dtype) == 1 and V.kernel._get_num_vectors(dtype) == 1
+        except Exception:
+            single = False
+        if single and dtype in types and src_dtype in types and getattr(x, "is_vec", False) and dtype != src_dtype:
+            return f"at::vec::cast<{types[dtype]}>({x})"
+        return scalar_form(x, dtype, src_dtype)
+
+    to_dtype_bitcast._sparsity_callbacks = True
+    overrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
 
 
 #: Seconds one compilation of `_kernel` is taken to cost until one was measured in this process.

@@ -199,6 +199,9 @@ def test_compiled_fingerprint_digit_sum_equals_eager_on_every_width(bits):
     expected = _fingerprint(halves.to(torch.int16).view(torch.bfloat16), bits).to(torch.int32)
     expected = expected if bits == 8 else expected + 32768
     assert torch.equal(residue(halves, bits, 16), expected)
+    # ... and from `_bfloat16_bits`, which never sets all 16 (canonical NaN): no fold
+    below = halves != 0xFFFF
+    assert torch.equal(residue(halves[below], bits, 16, True), expected[below])
 
 
 def test_compile_none_stays_eager_until_eager_time_pays_for_a_compile():
