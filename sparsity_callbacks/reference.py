@@ -319,10 +319,9 @@ def _any_nonfinite_columns(bits: torch.Tensor, dtype: torch.dtype, m: int) -> to
     second pass over the chunk). NaN or inf iff the magnitude reaches the all-ones exponent."""
     rows = bits.view(8, m)
     no_sign = (1 << (8 * bits.element_size() - 1)) - 1
-    magnitude = None
-    for k in range(8):
-        row = rows[k] & no_sign
-        magnitude = row if magnitude is None else torch.maximum(magnitude, row)
+    magnitude = rows[0] & no_sign
+    for k in range(1, 8):
+        magnitude = torch.maximum(magnitude, rows[k] & no_sign)
     return (magnitude >= EXPONENT_MASKS[dtype]).any()
 
 
@@ -331,13 +330,16 @@ def _fields_differing(words: torch.Tensor, other: torch.Tensor, bits: int) -> to
     (int32 in [0, 8]). Each field of ``words ^ other`` is ORed down into its lowest bit (shifts within the
     field only), and the fields' bits are added across the words, then across the fields: about a third of
     the ops of comparing field by field."""
-    flags = None
-    for h in range(words.shape[0]):
+
+    def lowest_bits(h: int) -> torch.Tensor:  # one bit per field of word row h: the field differs
         x = words[h] ^ other[h]
         for shift in (4, 2, 1) if bits == 8 else (8, 4, 2, 1):
             x = x | (x >> shift)
-        x = x & (0x01010101 if bits == 8 else 0x00010001)
-        flags = x if flags is None else flags + x
+        return x & (0x01010101 if bits == 8 else 0x00010001)
+
+    flags = lowest_bits(0)
+    for h in range(1, words.shape[0]):
+        flags = flags + lowest_bits(h)
     flags = flags + (flags >> 16)
     if bits == 8:
         flags = flags + (flags >> 8)
@@ -506,7 +508,6 @@ def _compiled_kernel():
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-    _vectorize_cpu_bitcast()
     return torch.compile(_compiled_form, dynamic=True)
 
 
@@ -515,38 +516,6 @@ def _compiled_form(*args, **kwargs):
     while the background thread compiles, it would also send the training thread's eager calls there. (Its
     code object holds the compiled variants: `_RECOMPILE_LIMIT`.)"""
     return _kernel(*args, compiled=True, **kwargs)
-
-
-def _vectorize_cpu_bitcast() -> None:
-    """Teach inductor's CPU vector code a float32 <-> int32 bitcast (once per process). Inductor (torch 2.13) has
-    no vector form of ``Tensor.view(dtype)`` and emits a store, a scalar loop and a load per vector instead, which
-    the exact bfloat16 comparison needs once per element (the widened reference's bits): measured 1.3x slower
-    per chunk. ``at::vec::cast`` reinterprets the same bits in a register (ATen's own vector API, defined on every
-    ISA). Only single-vector float32/int32 operands are handled; anything else keeps inductor's form, and where
-    inductor's internals differ nothing is changed (the kernel is then only slower). Bit for bit the same
-    values, so other compiled code in the process is unaffected but for speed."""
-    try:
-        from torch._inductor.codegen import cpp
-        from torch._inductor.virtualized import V
-    except ImportError:
-        return
-    overrides = getattr(cpp, "CppVecOverrides", None)
-    scalar_form = getattr(overrides, "to_dtype_bitcast", None)
-    if scalar_form is None or getattr(scalar_form, "_sparsity_callbacks", False):
-        return
-    types = {torch.float32: "float", torch.int32: "int32_t"}
-
-    def to_dtype_bitcast(x, dtype, src_dtype):
-        try:
-            single = V.kernel._get_num_vectors(src_dtype) == 1 and V.kernel._get_num_vectors(dtype) == 1
-        except Exception:
-            single = False
-        if single and dtype in types and src_dtype in types and getattr(x, "is_vec", False) and dtype != src_dtype:
-            return f"at::vec::cast<{types[dtype]}>({x})"
-        return scalar_form(x, dtype, src_dtype)
-
-    to_dtype_bitcast._sparsity_callbacks = True
-    overrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
 
 
 #: Seconds one compilation of `_kernel` is taken to cost until one was measured in this process.
