@@ -128,16 +128,21 @@ EXPONENT_MASKS: dict[torch.dtype, int] = {
 }
 
 
-def _nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool per element of values of ``dtype`` given as their raw bits (integer view): an all-ones exponent
-    (NaN or +-inf). Exact, and fuses into a compiled pass without a bitcast."""
-    mask = EXPONENT_MASKS[dtype]
-    return (bits & mask) == mask
+def _magnitude(bits: torch.Tensor) -> torch.Tensor:
+    """Raw float bits (integer view) without the sign bit, same dtype."""
+    return bits & ((1 << (8 * bits.element_size() - 1)) - 1)
+
+
+def _nonfinite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool per element of `_magnitude` bits of ``dtype``: an all-ones exponent (NaN or +-inf), i.e. the
+    magnitude reaches ``EXPONENT_MASKS[dtype]`` (so the largest of several magnitudes answers for all)."""
+    return magnitude >= EXPONENT_MASKS[dtype]
 
 
 def _any_nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`_any_nonfinite` of values of ``dtype`` given as their raw bits: some element is NaN or +-inf."""
-    return _nonfinite_bits(bits, dtype).any()
+    """`_any_nonfinite` of values of ``dtype`` given as their raw bits (integer view): some element is NaN
+    or +-inf. Exact, and fuses into a compiled pass without a bitcast."""
+    return _nonfinite_magnitude(_magnitude(bits), dtype).any()
 
 
 def _count_nonfinite(values: torch.Tensor) -> int:

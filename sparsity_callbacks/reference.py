@@ -44,6 +44,8 @@ from sparsity_callbacks._rules import (
     _as_bits,
     _bfloat16_high_bits,
     _changed,
+    _magnitude,
+    _nonfinite_magnitude,
     _to_compare,
 )
 
@@ -318,11 +320,10 @@ def _any_nonfinite_columns(bits: torch.Tensor, dtype: torch.dtype, m: int) -> to
     inductor fuses into the kernel's loop over the columns (a reduction over all ``8 * m`` elements is a
     second pass over the chunk). NaN or inf iff the magnitude reaches the all-ones exponent."""
     rows = bits.view(8, m)
-    no_sign = (1 << (8 * bits.element_size() - 1)) - 1
-    magnitude = rows[0] & no_sign
+    magnitude = _magnitude(rows[0])
     for k in range(1, 8):
-        magnitude = torch.maximum(magnitude, rows[k] & no_sign)
-    return (magnitude >= EXPONENT_MASKS[dtype]).any()
+        magnitude = torch.maximum(magnitude, _magnitude(rows[k]))
+    return _nonfinite_magnitude(magnitude, dtype).any()
 
 
 def _fields_differing(words: torch.Tensor, other: torch.Tensor, bits: int) -> torch.Tensor:
