@@ -653,7 +653,25 @@ def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int =
     """Start ``world_size`` ranks as external processes (Lightning's LightningEnvironment with LOCAL_RANK set:
     no re-launch of pytest) that run the fits ``kinds`` one after the other, each in a process group of its own
     (its own ``MASTER_PORT``): one process start-up (Python, torch, Lightning: seconds) for several fits. Wait
-    for all; return each kind's results sorted by rank."""
+    for all; return each kind's results sorted by rank. A port found free can be taken by another process
+    before rank 0 listens on it (EADDRINUSE): then the ranks start again on fresh ports, up to 3 times."""
+    for _ in range(3):
+        codes, logs = _run_ranks(kinds, out_dir, mlflow_uri, world_size)
+        if codes == [0] * world_size or "EADDRINUSE" not in logs:
+            break
+    assert codes == [0] * world_size, f"ranks exited with {codes} (a rank blocked or failed):\n{logs}"
+    results: dict[str, list[dict]] = {}
+    for kind in kinds:
+        results[kind] = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"{kind}-{world_size}-rank{rank}.json")) as f:
+                results[kind].append(json.load(f))
+    return results
+
+
+def _run_ranks(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int) -> tuple[list[int], str]:
+    """One start of the ranks of `_launch`: their exit codes and the tails of their logs. When a rank fails,
+    the others are stopped at once (they would wait for it until the timeout)."""
     ports = ",".join(map(str, _free_ports(len(kinds))))
     name = "+".join(kinds)
     processes = []
@@ -675,10 +693,11 @@ def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int =
         processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + DIST_TIMEOUT_S * len(kinds)
     try:
-        for process, _ in processes:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process, _ in processes]
+            if all(code is not None for code in codes) or any(code not in (None, 0) for code in codes):
+                break
+            time.sleep(0.2)
     finally:
         for process, log in processes:
             if process.poll() is None:
@@ -686,15 +705,7 @@ def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int =
                 process.wait()
             log.close()
     logs = "\n".join(open(os.path.join(out_dir, f"{name}-rank{r}.log")).read()[-3000:] for r in range(world_size))
-    codes = [p.returncode for p, _ in processes]
-    assert codes == [0] * world_size, f"ranks exited with {codes} (a rank blocked or failed):\n{logs}"
-    results: dict[str, list[dict]] = {}
-    for kind in kinds:
-        results[kind] = []
-        for rank in range(world_size):
-            with open(os.path.join(out_dir, f"{kind}-{world_size}-rank{rank}.json")) as f:
-                results[kind].append(json.load(f))
-    return results
+    return [process.returncode for process, _ in processes], logs
 
 
 @pytest.fixture(scope="module")
