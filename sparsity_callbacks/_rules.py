@@ -119,7 +119,7 @@ def _any_nonfinite(values: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(values.sum())
 
 
-#: Exponent bits of the float dtypes whose raw bits `_any_nonfinite_bits` reads (all ones: NaN or +-inf).
+#: Exponent bits of the float dtypes whose raw bits `_nonfinite_magnitude` reads (all ones: NaN or +-inf).
 EXPONENT_MASKS: dict[torch.dtype, int] = {
     torch.float32: 0x7F800000,
     torch.bfloat16: 0x7F80,
@@ -137,12 +137,6 @@ def _nonfinite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.T
     """Bool per element of `_magnitude` bits of ``dtype``: an all-ones exponent (NaN or +-inf), i.e. the
     magnitude reaches ``EXPONENT_MASKS[dtype]`` (so the largest of several magnitudes answers for all)."""
     return magnitude >= EXPONENT_MASKS[dtype]
-
-
-def _any_nonfinite_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`_any_nonfinite` of values of ``dtype`` given as their raw bits (integer view): some element is NaN
-    or +-inf. Exact, and fuses into a compiled pass without a bitcast."""
-    return _nonfinite_magnitude(_magnitude(bits), dtype).any()
 
 
 def _count_nonfinite(values: torch.Tensor) -> int:

@@ -315,7 +315,8 @@ def _kernel(
 
 
 def _any_nonfinite_columns(bits: torch.Tensor, dtype: torch.dtype, m: int) -> torch.Tensor:
-    """`_rules._any_nonfinite_bits` of a chunk of ``8 * m`` raw bits as 8 planar rows: the largest magnitude
+    """`_rules._any_nonfinite` of a chunk of ``8 * m`` values of ``dtype`` given as raw bits (integer view) in
+    8 planar rows, exactly (`_rules._nonfinite_magnitude`), without a bitcast: the largest magnitude
     (bits without the sign) over the rows, compared once per column and reduced over the ``m`` columns, which
     inductor fuses into the kernel's loop over the columns (a reduction over all ``8 * m`` elements is a
     second pass over the chunk). NaN or inf iff the magnitude reaches the all-ones exponent."""

@@ -11,9 +11,10 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from sparsity_callbacks import SparsityTracker
-from sparsity_callbacks._rules import _any_nonfinite_bits, _as_bits, _bfloat16_bits, _changed, _to_compare
+from sparsity_callbacks._rules import _as_bits, _bfloat16_bits, _changed, _to_compare
 from sparsity_callbacks.reference import (
     _RECOMPILE_LIMIT,
+    _any_nonfinite_columns,
     _bits_input,
     _compiled_form,
     _compiled_kernel,
@@ -241,12 +242,16 @@ _OPTIONS = dict(compare_dtype=torch.float32, fingerprint_reference=False, bits=8
 
 
 def test_nonfinite_from_exponent_bits_equals_isfinite():
+    def any_nonfinite(values: torch.Tensor) -> bool:  # the compiled kernel's form, run eagerly: 8 rows of 1
+        padded = torch.cat([values, values.new_zeros(8 - values.numel())])
+        return bool(_any_nonfinite_columns(_as_bits(padded), values.dtype, 1))
+
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         finite = torch.tensor([0.0, -0.0, 1e-40, -3.0, 65504.0]).to(dtype)
-        assert not bool(_any_nonfinite_bits(_as_bits(finite), dtype))
+        assert not any_nonfinite(finite)
         for bad in (float("nan"), float("inf"), float("-inf")):
             values = torch.cat([finite, torch.tensor([bad]).to(dtype)])
-            assert bool(_any_nonfinite_bits(_as_bits(values), dtype))
+            assert any_nonfinite(values)
 
 
 @pytest.mark.parametrize("bits", [8, 16])
