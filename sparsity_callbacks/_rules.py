@@ -47,19 +47,22 @@ def _as_bits(values: torch.Tensor) -> torch.Tensor:
     return values.view(INT_OF_SIZE[values.element_size()])
 
 
-def _to_compare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _to_compare(values: torch.Tensor, dtype: torch.dtype, finite: bool | None = None) -> torch.Tensor:
     """``values`` in the compare dtype (rule 1): unchanged when already in it, else ``Tensor.to`` with
-    every NaN made the canonical quiet NaN."""
+    every NaN made the canonical quiet NaN. ``finite``: the caller already knows whether every element is
+    finite (e.g. from `_any_nonfinite`); None checks with one reduction where that costs no device sync."""
     if values.dtype == dtype:
         return values
     converted = values.to(dtype)
-    if (
-        values.device.type == "cpu"
-        and values.element_size() > 1
-        and not torch.compiler.is_compiling()
-        and bool(torch.isfinite(values.sum()))
-    ):
-        return converted  # no NaN in `values` (one fast reduction; CPU, so no device sync): nothing to canonicalise
+    if finite is None:
+        finite = (
+            values.device.type == "cpu"
+            and values.element_size() > 1
+            and not torch.compiler.is_compiling()
+            and bool(torch.isfinite(values.sum()))
+        )
+    if finite:
+        return converted  # no NaN in `values`: nothing to canonicalise
     return converted.masked_fill_(converted.isnan(), float("nan"))
 
 

@@ -433,15 +433,16 @@ def _kernel_eager(
 
     current = joined([member[0] for member in members])
     reference = None if fingerprint_reference else joined([member[1] for member in members])
+    stored = current if stored_dtype is None else current.view(stored_dtype)  # raw bits: a view is free
+    nonfinite = _any_nonfinite(stored)
+    # the conversion's NaN check is this same reduction: reuse it where reading it costs no device sync
+    finite = not bool(nonfinite) if current.device.type == "cpu" else None
     values = current
     if stored_dtype is None:
-        values = _to_compare(current, compare_dtype)
-        nonfinite = _any_nonfinite(current)
-    else:  # raw bits: a view is free
-        nonfinite = _any_nonfinite(current.view(stored_dtype))
-        if stored_dtype != compare_dtype:
-            values = _as_bits(_to_compare(current.view(stored_dtype), compare_dtype))
-            reference = None if reference is None else _as_bits(reference)
+        values = _to_compare(current, compare_dtype, finite)
+    elif stored_dtype != compare_dtype:
+        values = _as_bits(_to_compare(stored, compare_dtype, finite))
+        reference = None if reference is None else _as_bits(reference)
     per = _words_per_row(bits)
     # (empty when nothing reads them)
     fingerprints = own = current.new_empty(0, dtype=_FIELD_DTYPES[bits])
