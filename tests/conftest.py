@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -58,12 +59,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 _SERVER_START_TIMEOUT_S = 90.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthy(uri: str) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -83,7 +78,7 @@ class MlflowServer:
     def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend_uri = f"sqlite:///{self.root / 'mlflow.db'}"
         self._process: subprocess.Popen | None = None
@@ -163,7 +158,7 @@ class CuttableLink:
 
     def __init__(self, target_uri: str) -> None:
         self.target_port = int(target_uri.rsplit(":", 1)[1])
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -333,5 +328,5 @@ def zero3_group(tmp_path_factory):
     from test_distributed_freeze import WORLD, _zero3_group
 
     folder = tmp_path_factory.mktemp("zero3")
-    torch.multiprocessing.spawn(_zero3_group, args=(_free_port(), str(folder), ["adamw", "sgd"]), nprocs=WORLD)
+    torch.multiprocessing.spawn(_zero3_group, args=(free_port(), str(folder), ["adamw", "sgd"]), nprocs=WORLD)
     return str(folder), [json.loads((folder / f"zero3_rank{rank}.json").read_text()) for rank in range(WORLD)]

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now (held together while they are picked). Another process can
+    still take one before it is used: callers that bind later must tolerate EADDRINUSE."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    """One loopback port free now (`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, **overrides):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import traceback
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import tiny_llama  # noqa: E402
+from helpers import free_port, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityTracker  # noqa: E402
 
@@ -41,12 +40,6 @@ N_EDITS = sum(len(v) for v in EDITS.values())
 
 
 pytestmark = pytest.mark.distributed  # real multi-process (gloo) runs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -249,7 +242,7 @@ def _zero3_partitions(deepspeed, rank: int, tmp: str, out: dict) -> None:
 def spawned(tmp_path_factory):
     """FSDP2, FSDP1 and DDP scenarios in one 2-process gloo group (one start-up for all)."""
     tmp = str(tmp_path_factory.mktemp("dist"))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), tmp, ["fsdp2", "fsdp1", "ddp"]), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), tmp, ["fsdp2", "fsdp1", "ddp"]), nprocs=WORLD)
     results = []
     for rank in range(WORLD):
         with open(os.path.join(tmp, f"results_rank{rank}.json")) as f:

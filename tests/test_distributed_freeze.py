@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import tiny_llama  # noqa: E402
+from helpers import free_port, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, MaskFreezer  # noqa: E402
 
@@ -38,12 +37,6 @@ CLIP = 0.5  # below the gradient norm: clipping is active
 FULLY_FROZEN = "model.norm.weight"
 FULLY_TRAINABLE = "model.layers.1.mlp.down_proj.weight"
 SPLIT = "model.layers.0.self_attn.q_proj.weight"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> torch.nn.Module:
@@ -317,7 +310,7 @@ SCENARIOS = [
 def spawned(tmp_path_factory):
     """Every torch scenario in one 2-process gloo group (one start-up for all)."""
     tmp = str(tmp_path_factory.mktemp("dist_freeze"))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), tmp, SCENARIOS), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, args=(free_port(), tmp, SCENARIOS), nprocs=WORLD)
     results = []
     for rank in range(WORLD):
         with open(os.path.join(tmp, f"results_rank{rank}.json")) as f:

@@ -8,7 +8,6 @@ import csv
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
-from helpers import tiny_llama  # noqa: E402
+from helpers import free_ports, tiny_llama  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger  # noqa: E402
 
@@ -637,18 +636,6 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
         torch.distributed.destroy_process_group()
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held together while they are picked)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int = 2) -> dict[str, list[dict]]:
     """Start ``world_size`` ranks as external processes (Lightning's LightningEnvironment with LOCAL_RANK set:
     no re-launch of pytest) that run the fits ``kinds`` one after the other, each in a process group of its own
@@ -672,7 +659,7 @@ def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int =
 def _run_ranks(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int) -> tuple[list[int], str]:
     """One start of the ranks of `_launch`: their exit codes and the tails of their logs. When a rank fails,
     the others are stopped at once (they would wait for it until the timeout)."""
-    ports = ",".join(map(str, _free_ports(len(kinds))))
+    ports = ",".join(map(str, free_ports(len(kinds))))
     name = "+".join(kinds)
     processes = []
     for rank in range(world_size):

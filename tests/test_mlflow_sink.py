@@ -14,6 +14,7 @@ import warnings
 import mlflow
 import pytest
 import torch
+from helpers import free_port
 from mlflow import MlflowClient
 
 from sparsity_callbacks.cli import main as cli_main
@@ -24,12 +25,6 @@ STEPS = (0, 10, 20)
 
 
 pytestmark = pytest.mark.slow  # real MLflow servers, outages and retries
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(step: int) -> dict[str, float]:
@@ -241,7 +236,7 @@ def test_outage_with_restart_loses_nothing_and_warns_once(mlflow_server_outage, 
 
 
 def test_server_that_never_comes_back_gives_a_fallback_file_that_replays(mlflow_server, tmp_path, capsys):
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     retry = 0.5
     sink = MLflowSink(
         tracking_uri=dead, experiment="never-back", run_name="lost", retry_interval_s=retry, fallback_dir=str(tmp_path)
@@ -430,7 +425,7 @@ def test_close_returns_within_its_timeout_when_the_server_never_answers(tmp_path
 def test_close_gives_up_after_one_failed_attempt_when_the_server_is_down(tmp_path):
     """Nothing listens: the end of training does not wait for the timeout, one failed attempt is enough."""
     sink = MLflowSink(
-        tracking_uri=f"http://127.0.0.1:{_free_port()}",
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
         experiment="down",
         retry_interval_s=0.2,
         fallback_dir=str(tmp_path),
