@@ -37,6 +37,30 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
+#: The test files that take longest, longest first (seconds per file from ``--junitxml``, 2-core machine). A
+#: parallel run (``-n auto``, ``--dist loadfile``: a file per worker, in collection order) then ends on short
+#: files on every worker instead of one worker finishing a long file alone; a wrong entry costs balance only.
+_LONGEST_FILES = (
+    "test_lightning.py",
+    "test_real_model.py",
+    "test_transformers.py",
+    "test_freeze_compact.py",
+    "test_benchmark_scripts.py",
+    "test_cli.py",
+    "test_reproduce_paper.py",
+    "test_kernel_rules.py",
+    "test_freeze.py",
+    "test_deepspeed.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of `_LONGEST_FILES` first, in that order; every other file after them, in its usual order
+    (a stable sort: the tests of a file keep theirs)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Move everything imported so far (torch, transformers, MLflow, Lightning: ~10^6 objects) out of the
     cyclic garbage collector's reach. Trainers call ``gc.collect()`` at every ``train()`` (accelerate's
@@ -313,20 +337,3 @@ def smollm2_copy(smollm2):
 
     model, tokenizer = smollm2
     return copy.deepcopy(model), tokenizer
-
-
-# --- the 2-process DeepSpeed group --------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def zero3_group(tmp_path_factory):
-    """``(folder, [rank 0 results, rank 1 results])`` of every DeepSpeed ZeRO-3 scenario of the suite, run in one
-    2-process gloo group (`test_distributed_freeze._zero3_group`): each rank's results hold the frozen runs
-    (``"adamw"``, ``"sgd"``) and the partition counts (``"partitions"``). Skipped without DeepSpeed."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed not installed (optional)")
-    import json
-
-    import torch.multiprocessing
-    from test_distributed_freeze import WORLD, _zero3_group
-
-    folder = tmp_path_factory.mktemp("zero3")
-    torch.multiprocessing.spawn(_zero3_group, args=(free_port(), str(folder), ["adamw", "sgd"]), nprocs=WORLD)
-    return str(folder), [json.loads((folder / f"zero3_rank{rank}.json").read_text()) for rank in range(WORLD)]

@@ -25,6 +25,21 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def spawn_ranks(worker, args: tuple, nprocs: int, attempts: int = 3) -> None:
+    """``torch.multiprocessing.spawn(worker, (port, *args), nprocs)`` with a free loopback `port` for the process
+    group, started again on a fresh port when rank 0 could not listen on it (EADDRINUSE: another process took
+    the port between `free_port` and rank 0's `listen`; spawn stops the other ranks at the first failure)."""
+    import torch.multiprocessing
+
+    for attempt in range(attempts):
+        try:
+            torch.multiprocessing.spawn(worker, args=(free_port(), *args), nprocs=nprocs)
+            return
+        except torch.multiprocessing.ProcessRaisedException as err:
+            if "EADDRINUSE" not in str(err) or attempt == attempts - 1:
+                raise
+
+
 def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, **overrides):
     """A 2-layer Llama-style causal LM (~30k parameters), float32, built from config."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -3,7 +3,7 @@
 
 Every run applies the same known edits at the same *global* positions as a single-process run (through the
 frameworks' own APIs: `DTensor.full_tensor` + `distribute_tensor` for FSDP2, `summon_full_params` for
-FSDP1, `GatheredParameters` for ZeRO-3), then checks that the summed counts, the per-tensor numel, the
+FSDP1; ZeRO-3's `GatheredParameters` in test_deepspeed), then checks that the summed counts, the per-tensor numel, the
 gathered full mask (on every rank) and the signatures equal the single-process result. Then a real
 forward/backward/optimizer step, checked against the full weights gathered independently.
 
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import free_port, tiny_llama  # noqa: E402
+from helpers import spawn_ranks, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityTracker  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = pytest.mark.distributed  # real multi-process (gloo) runs
 
 WORLD = 2
 VOCAB = 67  # odd: uneven Shard(0) of the embedding and lm_head
@@ -37,9 +37,6 @@ EDITS = {  # flat indices in the full tensors; embed rank boundary at 34 rows * 
     "lm_head.weight": [1000],
 }
 N_EDITS = sum(len(v) for v in EDITS.values())
-
-
-pytestmark = pytest.mark.distributed  # real multi-process (gloo) runs
 
 
 def _model():
@@ -206,43 +203,12 @@ def _worker(rank: int, port: int, tmp: str, scenarios: list[str]) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _zero3_partitions(deepspeed, rank: int, tmp: str, out: dict) -> None:
-    """One rank of the ZeRO-3 partition counts (run by the session's DeepSpeed group, see conftest): the
-    model built under ``zero.Init``, the known edits through ``GatheredParameters``, then a real step."""
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-    }
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = _model()
-    params = dict(model.named_parameters())
-    tracker = SparsityTracker(model, mode="exact")
-    tracker.snapshot()
-    from sparsity_callbacks._rules import _tensor_signature
-
-    with deepspeed.zero.GatheredParameters(list(params.values())):  # zero.Init initialises differently
-        out["full_signatures"] = {n: _tensor_signature(p) for n, p in params.items()}
-    with deepspeed.zero.GatheredParameters([params[n] for n in EDITS], modifier_rank=0), torch.no_grad():
-        if rank == 0:
-            for name, indices in EDITS.items():
-                params[name].view(-1)[indices] += 0.5
-    out["edits"] = _summary(tracker, tracker.measure(1))
-    tracker.ever_changed_mask().save(os.path.join(tmp, f"zero3_mask_rank{rank}.safetensors"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    ids = _batch(0)
-    engine.backward(engine(input_ids=ids, labels=ids).loss)
-    engine.step()
-    out["step_changed"] = tracker.measure(2).total.changed
-
-
 # --- tests ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """FSDP2, FSDP1 and DDP scenarios in one 2-process gloo group (one start-up for all)."""
     tmp = str(tmp_path_factory.mktemp("dist"))
-    torch.multiprocessing.spawn(_worker, args=(free_port(), tmp, ["fsdp2", "fsdp1", "ddp"]), nprocs=WORLD)
+    spawn_ranks(_worker, (tmp, ["fsdp2", "fsdp1", "ddp"]), nprocs=WORLD)
     results = []
     for rank in range(WORLD):
         with open(os.path.join(tmp, f"results_rank{rank}.json")) as f:
@@ -308,12 +274,3 @@ def test_ddp_replicas_are_counted_once(spawned):
     _check_edits(tmp, results, "ddp", "exact")
     _check_step(results, "ddp")
     assert results[0]["ddp"]["step"] == results[1]["ddp"]["step"]  # identical replicas, identical counts
-
-
-def test_deepspeed_zero3_partitions(zero3_group):
-    tmp, results = zero3_group
-    results = [r["partitions"] for r in results]
-    # zero.Init draws the initial weights differently: counts and masks are compared with the single-process
-    # run, the signatures with the full tensors gathered by DeepSpeed
-    _check_edits(tmp, [{"zero3": r} for r in results], "zero3", "exact", same_weights=False)
-    assert all(r["step_changed"] > 1000 for r in results) and results[0]["step_changed"] == results[1]["step_changed"]

@@ -1,30 +1,29 @@
 """Freezing sharded training, for real: 2 processes on gloo (CPU), launched with `torch.multiprocessing.spawn`.
 
-FSDP2 (``fully_shard``, uneven ``Shard(0)``), FSDP1 ``use_orig_params=True`` and DeepSpeed ZeRO-3 train a tiny
-Llama with a `MaskFreezer` (AdamW with weight decay and gradient clipping, SGD with momentum). After every
-optimizer step the *gathered* full parameters are checked: every frozen element bit-identical to its value
-when freezing began, trainable elements moving. The final weights are compared with the same frozen run in a
-single process: both ranks see the same batches, so the averaged gradient equals one process's gradient bit
-for bit, and the elementwise optimizer math on a shard equals the single-process math. The one difference is
-the clip norm, summed over the shards in another order: with clipping the weights agree to ~1e-6, without
-they are bit-identical (FSDP2, FSDP1). DeepSpeed reduces gradients its own way: its trainable weights agree
-to ~1e-6 also without clipping; frozen elements are bit-identical everywhere.
+FSDP2 (``fully_shard``, uneven ``Shard(0)``), FSDP1 ``use_orig_params=True`` and DeepSpeed ZeRO-3 (its runs are
+in test_deepspeed, with the other ZeRO-3 case, in one DeepSpeed group) train a tiny Llama with a `MaskFreezer`
+(AdamW with weight decay and gradient clipping, SGD with momentum). After every optimizer step the *gathered*
+full parameters are checked: every frozen element bit-identical to its value when freezing began, trainable
+elements moving. The final weights are compared with the same frozen run in a single process: both ranks see
+the same batches, so the averaged gradient equals one process's gradient bit for bit, and the elementwise
+optimizer math on a shard equals the single-process math. The one difference is the clip norm, summed over the
+shards in another order: with clipping the weights agree to ~1e-6, without they are bit-identical (FSDP2,
+FSDP1). DeepSpeed reduces gradients its own way: its trainable weights agree to ~1e-6 also without clipping;
+frozen elements are bit-identical everywhere.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import free_port, tiny_llama  # noqa: E402
+from helpers import spawn_ranks, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, MaskFreezer  # noqa: E402
 
@@ -310,7 +309,7 @@ SCENARIOS = [
 def spawned(tmp_path_factory):
     """Every torch scenario in one 2-process gloo group (one start-up for all)."""
     tmp = str(tmp_path_factory.mktemp("dist_freeze"))
-    torch.multiprocessing.spawn(_worker, args=(free_port(), tmp, SCENARIOS), nprocs=WORLD)
+    spawn_ranks(_worker, (tmp, SCENARIOS), nprocs=WORLD)
     results = []
     for rank in range(WORLD):
         with open(os.path.join(tmp, f"results_rank{rank}.json")) as f:
@@ -397,97 +396,3 @@ def test_each_rank_stores_only_its_shard(spawned):
         assert all(0 < b < 0.7 * single_bytes for b in per_rank), per_rank
         assert sum(per_rank) <= single_bytes, per_rank  # shards: each element stored at most once over the ranks
         assert [results[rank][scenario]["held_bytes"] for rank in range(WORLD)] == per_rank  # no hidden full mask
-
-
-# --- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
-def _zero3_group(rank: int, port: int, tmp: str, kinds: list[str]) -> None:
-    """One rank of the session's DeepSpeed group (fixture ``zero3_group`` in conftest; a DeepSpeed start-up
-    costs seconds per process, so every ZeRO-3 scenario of the suite shares one): the ZeRO-3 frozen runs (one
-    per optimizer ``kind``), then the partition counts of test_distributed. Here DeepSpeed partitions the
-    model in ``deepspeed.initialize`` (no ``zero.Init``), so the initial weights are the single-process ones;
-    the partition counts build theirs under ``zero.Init``, last, so that nothing runs after its patching."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-    importlib.import_module("torch._dynamo")  # before DeepSpeed patches torch.Tensor.__new__ (see params.py)
-    importlib.import_module("transformers.generation.utils")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for kind in kinds:
-        out: dict = {}
-        try:
-            _zero3_run(deepspeed, kind, rank, tmp, out)
-        except Exception:
-            out["error"] = traceback.format_exc()
-        results[kind] = out
-    out = {}
-    try:
-        importlib.import_module("test_distributed")._zero3_partitions(deepspeed, rank, tmp, out)
-    except Exception:
-        out["error"] = traceback.format_exc()
-    results["partitions"] = out
-    with open(os.path.join(tmp, f"zero3_rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    torch.distributed.destroy_process_group()
-
-
-def _zero3_run(deepspeed, kind: str, rank: int, tmp: str, out: dict) -> None:
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-    }
-    if kind == "adamw":
-        config["gradient_clipping"] = CLIP
-    model = _model()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(kind, model.parameters()), config=config)
-    mask = _mask()
-    freezer = MaskFreezer(model, mask)
-    freezer.attach(engine.optimizer)
-    out["extra_bytes"], out["held_bytes"] = freezer.extra_bytes, _held_bytes(freezer)
-    params = dict(model.named_parameters())
-
-    def full_params():
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n: p.detach().clone() for n, p in params.items()}
-
-    def forward_backward(ids):
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-
-    out["steps"] = _train(forward_backward, engine.step, None, full_params, initial, mask)  # the engine clips
-    if kind == "adamw":
-        out["norms"] = [float(engine.get_global_grad_norm())]
-    final = full_params()
-    if rank == 0:
-        torch.save(final, os.path.join(tmp, f"zero3-{kind}.pt"))
-
-
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_deepspeed_zero3_frozen_elements_stay_bit_identical(zero3_group, single, kind):
-    tmp, results = zero3_group
-    tmp_path = Path(tmp)
-    expected, single_checks, _ = single[kind]
-    for rank in range(WORLD):
-        out = results[rank][kind]
-        assert "error" not in out, out["error"]
-        for step, check in enumerate(out["steps"]):
-            assert check["frozen_ok"], (rank, step, check["moved_frozen"])
-            assert check["moved"] > 0.5 * single_checks[step]["moved"], (rank, step)
-        if kind == "adamw":  # DeepSpeed's clip norm (of the last step) is the subnetwork's
-            assert out["norms"][0] == pytest.approx(single_checks[-1]["norm"], rel=1e-5)
-        assert 0 < out["extra_bytes"] < 0.7 * MaskFreezer(_model(), _mask(), compact_optimizer_state=False).extra_bytes
-    final = torch.load(tmp_path / f"zero3-{kind}.pt")
-    mask = _mask()
-    for name, value in expected.items():
-        assert _bits_equal(final[name][~mask[name]], value[~mask[name]]), name
-        # trainable ones: close, not bit-equal, even without clipping (DeepSpeed reduces gradients its own way)
-        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
