@@ -492,9 +492,11 @@ def test_deferred_metrics_are_built_on_the_worker_and_warned_about_on_the_caller
     import threading
 
     built_on: list[str] = []
+    built = threading.Event()  # held until the caller has logged both: the worker cannot have built one before
 
     def build(step: int):
         def metrics() -> dict[str, object]:
+            assert built.wait(60)
             built_on.append(threading.current_thread().name)
             values: dict[str, object] = {f"m/{i}": float(i + step) for i in range(1500)}
             values.update({"sparsity//weird key?": 0.5, "bad": "x"})
@@ -509,6 +511,7 @@ def test_deferred_metrics_are_built_on_the_worker_and_warned_about_on_the_caller
         sink.log_metrics(build(3), step=3)
         sink.log_metrics(build(4), step=4)
         assert [str(w.message) for w in records if "MLflowSink" in str(w.message)] == []  # nothing built yet here
+        built.set()
         sink.close(timeout=120)
     messages = [str(w.message) for w in records]
     assert built_on == ["MLflowSink-worker"] * 2
