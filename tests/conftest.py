@@ -164,6 +164,17 @@ def _one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _nothing_written_into_the_checkout(request):
+    """Tests write under ``tmp_path``: the session fails at its end when one left a file or folder in the
+    checkout's top folder (MLflow's ``./mlruns``, a fallback file written to the working directory, ...)."""
+    root = request.config.rootpath
+    before = set(os.listdir(root))
+    yield
+    added = sorted(set(os.listdir(root)) - before - {".pytest_cache"})
+    assert not added, f"the tests wrote {added} into {root}; write under tmp_path instead"
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """URI (``http://127.0.0.1:<port>``) of a real MLflow server shared by the session."""
@@ -250,12 +261,19 @@ def mlflow_server_outage(mlflow_server):
 @pytest.fixture(scope="session")
 def mlflow_sqlite_template(tmp_path_factory) -> Path:
     """An empty MLflow sqlite database with its tables created (creating them takes seconds): copy it
-    to get a fresh store quickly."""
+    to get a fresh store quickly. Created from its own folder: the Default experiment's artifact location
+    is ``./mlruns`` made absolute at creation, so the artifacts of every copy land there, not in the
+    folder pytest was started from (the checkout)."""
     from mlflow import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    folder = tmp_path_factory.mktemp("mlflow_template")
+    started_in = os.getcwd()
+    os.chdir(folder)
+    try:
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(started_in)
+    return folder / "mlflow.db"
 
 
 @contextlib.contextmanager
