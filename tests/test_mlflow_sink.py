@@ -404,7 +404,15 @@ def test_close_stops_waiting_at_its_timeout_while_a_request_never_answers(tmp_pa
     fallback file: it waits for its own deadline, not for the request."""
     import sparsity_callbacks.sinks.mlflow as sink_module
 
+    probing = threading.Event()
+    probe = sink_module._probe
+
+    def recorded_probe(uri: str, timeout: float) -> bool:
+        probing.set()
+        return probe(uri, timeout)
+
     monkeypatch.setattr(sink_module, "_PROBE_TIMEOUT_S", 600.0)
+    monkeypatch.setattr(sink_module, "_probe", recorded_probe)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # connections complete in the kernel backlog; nobody ever reads or answers
@@ -414,6 +422,7 @@ def test_close_stops_waiting_at_its_timeout_while_a_request_never_answers(tmp_pa
             warnings.simplefilter("ignore")
             for step in range(3):
                 sink.log_metrics(_metrics(step), step=step)
+            assert probing.wait(60)  # the worker is inside its first request
             sink.close(timeout=1.0)
         assert sink._worker.is_alive() and sink._failed_attempts == 0  # still waiting for its first answer
     # closing the listening socket resets the connection: the worker's probe fails and the worker stops
