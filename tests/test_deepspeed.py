@@ -159,7 +159,7 @@ def zero3_group(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single():
-    torch.set_num_threads(1)
+    """The frozen runs in this process, per optimizer kind (one intra-op thread: conftest's session fixture)."""
     return {kind: single_process(kind) for kind in ("adamw", "sgd")}
 
 
