@@ -1,5 +1,5 @@
 """The Lightning adapter: a real `lightning.pytorch.Trainer`, real MLflow read back with `MlflowClient`,
-real 2-process gloo (DDP and FSDP2) launched as subprocesses of this file (``python tests/test_lightning.py``).
+real 2-process gloo (DDP and FSDP2) in new processes (`helpers.new_process`).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import csv
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
-from helpers import free_ports, tiny_llama  # noqa: E402
+from helpers import free_ports, new_process, tiny_llama  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger  # noqa: E402
 
@@ -489,29 +488,25 @@ def test_dtype_change_after_freezing_never_corrupts_frozen_weights(tmp_path):
         assert torch.equal(param.detach()[frozen].view(torch.int16), expected), name
 
 
-_KILLED_FIT = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
-from test_lightning import LitLM, _data, _trainer
-from sparsity_callbacks.integrations.lightning import SparsityCallback
+def _killed_fit(uri: str, ckpt: str, root: str, with_logger: bool) -> None:
+    """The fit of `test_resume_after_sigkill_continues_in_the_same_mlflow_run`, in a new process: it checkpoints
+    every 2 steps and SIGKILLs its own process at step 3, after what was measured reached MLflow."""
+    import signal
 
-sparsity = SparsityCallback(mode="exact", every_n_steps=1)
+    sparsity = SparsityCallback(mode="exact", every_n_steps=1)
 
-class KillAtStep3(pl.Callback):
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 3:
-            sparsity._session.sink.flush(60)  # what was measured reached MLflow; then die like a crash
-            os.kill(os.getpid(), signal.SIGKILL)
+    class KillAtStep3(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                sparsity._session.sink.flush(60)  # what was measured reached MLflow; then die like a crash
+                os.kill(os.getpid(), signal.SIGKILL)
 
-logger = MLFlowLogger(experiment_name="crash", tracking_uri={uri!r}) if {with_logger!r} else False
-checkpoint = ModelCheckpoint(dirpath={ckpt!r}, every_n_train_steps=2, save_top_k=-1)
-callbacks = [sparsity, KillAtStep3(), checkpoint]
-trainer = _trainer({root!r}, callbacks, max_steps=6, logger=logger, enable_checkpointing=True)
-trainer.fit(LitLM(seed=0), _data(6))
-"""
+    logger = MLFlowLogger(experiment_name="crash", tracking_uri=uri) if with_logger else False
+    checkpoint = ModelCheckpoint(dirpath=ckpt, every_n_train_steps=2, save_top_k=-1)
+    trainer = _trainer(
+        root, [sparsity, KillAtStep3(), checkpoint], max_steps=6, logger=logger, enable_checkpointing=True
+    )
+    trainer.fit(LitLM(seed=0), _data(6))
 
 
 @pytest.mark.parametrize("with_logger", [True, False], ids=["mlflow_logger", "own_run"])
@@ -520,17 +515,19 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(tmp_path, mlflow_
     from mlflow.entities import ViewType
 
     ckpt_dir = tmp_path / "ckpt"
-    script = _KILLED_FIT.format(
-        tests=os.path.dirname(os.path.abspath(__file__)),
-        uri=mlflow_local,
-        ckpt=str(ckpt_dir),
-        root=str(tmp_path),
-        with_logger=with_logger,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local}
+    killed = new_process(
+        _killed_fit,
+        mlflow_local,
+        str(ckpt_dir),
+        str(tmp_path),
+        with_logger,
+        env=env,
+        cwd=tmp_path,
+        log=tmp_path / "killed.log",
     )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local, "PYTHONPATH": repo}
-    killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    killed.join(600)
+    assert killed.exitcode == -9, (tmp_path / "killed.log").read_text()[-2000:]
     client = MlflowClient(mlflow_local)
     experiments = [e.experiment_id for e in client.search_experiments()]
     (crashed,) = client.search_runs(experiments)
@@ -637,11 +634,11 @@ def _dist_fit(kind: str, out_dir: str, mlflow_uri: str | None, devices: int) -> 
 
 
 def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int = 2) -> dict[str, list[dict]]:
-    """Start ``world_size`` ranks as external processes (Lightning's LightningEnvironment with LOCAL_RANK set:
-    no re-launch of pytest) that run the fits ``kinds`` one after the other, each in a process group of its own
-    (its own ``MASTER_PORT``): one process start-up (Python, torch, Lightning: seconds) for several fits. Wait
-    for all; return each kind's results sorted by rank. A port found free can be taken by another process
-    before rank 0 listens on it (EADDRINUSE): then the ranks start again on fresh ports, up to 3 times."""
+    """Start ``world_size`` ranks as new processes (`helpers.new_process`; Lightning's LightningEnvironment
+    with LOCAL_RANK set: no re-launch of pytest) that run the fits ``kinds`` one after the other, each in a
+    process group of its own (its own ``MASTER_PORT``). Wait for all; return each kind's results sorted by
+    rank. A port found free can be taken by another process before rank 0 listens on it (EADDRINUSE): then
+    the ranks start again on fresh ports, up to 3 times."""
     for _ in range(3):
         codes, logs = _run_ranks(kinds, out_dir, mlflow_uri, world_size)
         if codes == [0] * world_size or "EADDRINUSE" not in logs:
@@ -656,10 +653,20 @@ def _launch(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int =
     return results
 
 
+def _rank(kinds: list[str], out_dir: str, mlflow_uri: str | None, world_size: int, ports: list[int]) -> None:
+    """One rank of `_launch`: the fits ``kinds``, each in a process group of its own (its ``MASTER_PORT``)."""
+    for kind, port in zip(kinds, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        if kind.startswith("freeze-"):
+            _freeze_fit(out_dir, world_size, resume=kind == "freeze-resumed")
+        else:
+            _dist_fit(kind, out_dir, mlflow_uri, world_size)
+
+
 def _run_ranks(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: int) -> tuple[list[int], str]:
     """One start of the ranks of `_launch`: their exit codes and the tails of their logs. When a rank fails,
     the others are stopped at once (they would wait for it until the timeout)."""
-    ports = ",".join(map(str, free_ports(len(kinds))))
+    ports = free_ports(len(kinds))
     name = "+".join(kinds)
     processes = []
     for rank in range(world_size):
@@ -672,27 +679,22 @@ def _run_ranks(kinds: list[str], out_dir, mlflow_uri: str | None, world_size: in
             OMP_NUM_THREADS="1",
         )
         env.pop("MLFLOW_TRACKING_URI", None)
-        command = [
-            sys.executable, os.path.abspath(__file__), ",".join(kinds), str(out_dir), mlflow_uri or "-",
-            str(world_size), ports,
-        ]  # fmt: skip
-        log = open(os.path.join(out_dir, f"{name}-rank{rank}.log"), "wb")
-        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        log = os.path.join(out_dir, f"{name}-rank{rank}.log")
+        processes.append(new_process(_rank, kinds, str(out_dir), mlflow_uri, world_size, ports, env=env, log=log))
     deadline = time.monotonic() + DIST_TIMEOUT_S * len(kinds)
     try:
         while time.monotonic() < deadline:
-            codes = [process.poll() for process, _ in processes]
+            codes = [process.exitcode for process in processes]
             if all(code is not None for code in codes) or any(code not in (None, 0) for code in codes):
                 break
             time.sleep(0.2)
     finally:
-        for process, log in processes:
-            if process.poll() is None:
+        for process in processes:
+            if process.exitcode is None:
                 process.kill()
-                process.wait()
-            log.close()
+            process.join()
     logs = "\n".join(open(os.path.join(out_dir, f"{name}-rank{r}.log")).read()[-3000:] for r in range(world_size))
-    return [process.returncode for process, _ in processes], logs
+    return [process.exitcode for process in processes], logs
 
 
 @pytest.fixture(scope="module")
@@ -871,13 +873,3 @@ def test_fsdp2_freezes_to_the_discovered_mask_and_resumes_bit_exactly(launched):
         assert torch.equal(again[name][frozen].view(torch.int32), frozen_at[name][frozen].view(torch.int32)), name
         assert not torch.equal(value[~frozen], frozen_at[name][~frozen]) or not (~frozen).any(), name  # trained
     assert [n for n in end if not torch.equal(end[n].view(torch.int32), again[n].view(torch.int32))] == []
-
-
-if __name__ == "__main__":  # ranks of distributed tests: python tests/test_lightning.py KINDS OUT URI WORLD PORTS
-    _kinds, _out, _uri, _world, _ports = sys.argv[1:6]
-    for _kind, _port in zip(_kinds.split(","), _ports.split(","), strict=True):
-        os.environ["MASTER_PORT"] = _port  # a process group of its own per fit
-        if _kind.startswith("freeze-"):
-            _freeze_fit(_out, int(_world), resume=_kind == "freeze-resumed")
-        else:
-            _dist_fit(_kind, _out, None if _uri == "-" else _uri, int(_world))

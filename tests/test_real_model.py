@@ -65,7 +65,13 @@ def test_grpo_on_smollm2_logs_the_bf16_changed_fraction_of_the_saved_weights(
 ):
     base = {n: p.detach().clone() for n, p in smollm2[0].named_parameters()}  # tied weights once
     callback = _load_example("trl_grpo").main(
-        max_steps=2, learning_rate=1e-5, logging_steps=1, output_dir=str(tmp_path / "out"), loaded=smollm2_copy
+        max_steps=2,
+        learning_rate=1e-5,
+        num_generations=2,  # the example's 4 answers of 16 tokens would only make the test slower
+        max_completion_length=8,
+        logging_steps=1,
+        output_dir=str(tmp_path / "out"),
+        loaded=smollm2_copy,
     )
     model = smollm2_copy[0]
     model.save_pretrained(tmp_path / "tuned")

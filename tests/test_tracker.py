@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import tiny_gpt2, tiny_llama  # noqa: E402
+from helpers import new_process, tiny_gpt2, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityConfig, SparsityTracker  # noqa: E402
 from sparsity_callbacks.metrics import _SparsityCounts  # noqa: E402
@@ -320,6 +318,24 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def _continue_from_saved_state(folder: str) -> None:
+    """In a new process: a model with other initial weights loads the saved weights and tracker state, edits
+    two elements of another tensor and measures; writes the changed and ever-changed counts and the history
+    length to ``out.txt`` and the ever-changed mask to ``after.safetensors``."""
+    from safetensors.torch import load_file
+
+    model = tiny_llama(seed=123)  # other init: the weights come from the checkpoint
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+    tracker = SparsityTracker(model, mode="exact")
+    tracker.load(os.path.join(folder, "sparsity_tracker.safetensors"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.view(-1)[[4, 5]] += 1.0
+    m = tracker.measure(step=20)
+    tracker.ever_changed_mask().save(os.path.join(folder, "after.safetensors"))
+    with open(os.path.join(folder, "out.txt"), "w") as f:
+        f.write(f"{m.total.changed} {m.total.ever_changed} {len(tracker.history)}")
+
+
 @pytest.mark.slow
 def test_state_round_trip_in_a_fresh_process_continues_the_ever_changed_mask(tmp_path):
     from safetensors.torch import load_file, save_file
@@ -333,25 +349,10 @@ def test_state_round_trip_in_a_fresh_process_continues_the_ever_changed_mask(tmp
     tracker.save(tmp_path / "sparsity_tracker.safetensors")
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, tmp_path / "model.safetensors")
 
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from helpers import tiny_llama
-        from safetensors.torch import load_file
-        from sparsity_callbacks import SparsityTracker
-        model = tiny_llama(seed=123)  # other init: the weights come from the checkpoint
-        model.load_state_dict(load_file({str(tmp_path / "model.safetensors")!r}), strict=False)
-        tracker = SparsityTracker(model, mode="exact")
-        tracker.load({str(tmp_path / "sparsity_tracker.safetensors")!r})
-        with torch.no_grad():
-            model.model.layers[1].mlp.up_proj.weight.view(-1)[[4, 5]] += 1.0
-        m = tracker.measure(step=20)
-        tracker.ever_changed_mask().save({str(tmp_path / "after.safetensors")!r})
-        print(m.total.changed, m.total.ever_changed, len(tracker.history))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    continued = new_process(_continue_from_saved_state, str(tmp_path))
+    continued.join(300)
+    assert continued.exitcode == 0
+    out = (tmp_path / "out.txt").read_text().split()
     assert out == ["5", "5", "2"]
     ever = Mask.load(tmp_path / "after.safetensors")
     assert ever["model.layers.0.mlp.up_proj.weight"].view(-1).nonzero().view(-1).tolist() == [1, 2, 3]

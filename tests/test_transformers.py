@@ -20,7 +20,7 @@ pytest.importorskip("mlflow")
 
 import mlflow  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from helpers import tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import new_process, tiny_llama, tiny_tokenizer  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -664,41 +664,34 @@ def test_train_end_wait_is_bounded_when_mlflow_is_down_from_the_start(tmp_path, 
     assert "sparsity/changed_fraction" in logged, sorted(logged)
 
 
-_KILLED_TRAINING = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-from test_transformers import _args, _lm_dataset
-from helpers import tiny_llama
-from transformers import Trainer, TrainerCallback
-from sparsity_callbacks import SparsityCallback
+def _killed_training(out: str, report_to: str) -> None:
+    """The training of `test_resume_after_sigkill_continues_in_the_same_mlflow_run`, in a new process: it saves
+    a checkpoint every 2 steps and SIGKILLs its own process at step 3, after what was measured reached MLflow."""
+    import signal
 
-sparsity = SparsityCallback()
+    sparsity = SparsityCallback()
 
-class KillAtStep3(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            sparsity._session.sink.flush(60)  # what was measured so far reached MLflow; then die like a crash
-            os.kill(os.getpid(), signal.SIGKILL)
+    class KillAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                sparsity._session.sink.flush(60)  # what was measured so far reached MLflow; then die like a crash
+                os.kill(os.getpid(), signal.SIGKILL)
 
-args = _args({out!r}, max_steps=6, save_strategy="steps", save_steps=2, report_to={report!r})
-Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[sparsity, KillAtStep3()]).train()
-"""
+    args = _args(out, max_steps=6, save_strategy="steps", save_steps=2, report_to=report_to)
+    Trainer(model=tiny_llama(), args=args, train_dataset=_lm_dataset(), callbacks=[sparsity, KillAtStep3()]).train()
 
 
 @pytest.mark.parametrize("report_to", ["none", "mlflow"])
 def test_resume_after_sigkill_continues_in_the_same_mlflow_run(mlflow_local, tmp_path, report_to):
     import signal
-    import subprocess
-    import sys
 
     from mlflow.entities import ViewType
 
     out = tmp_path / "out"
-    script = _KILLED_TRAINING.format(tests=os.path.dirname(__file__), out=str(out), report=report_to)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local, "PYTHONPATH": repo}
-    killed = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local}
+    killed = new_process(_killed_training, str(out), report_to, env=env, cwd=tmp_path, log=tmp_path / "killed.log")
+    killed.join(600)
+    assert killed.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     client = MlflowClient(mlflow_local)
     (crashed,) = _all_runs(client)
     assert crashed.info.status == "RUNNING"  # nobody finished it
