@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3, for real: 2 processes on gloo (CPU), launched with `torch.multiprocessing.spawn`. A DeepSpeed
+"""DeepSpeed ZeRO-3, for real: 2 processes on gloo (CPU), launched by `helpers.spawn_ranks`. A DeepSpeed
 start-up costs seconds per process, so every ZeRO-3 case runs in one group (fixture ``zero3_group``), and in one
 file, so that a parallel run (`pytest -n`, one file per worker) starts it once.
 

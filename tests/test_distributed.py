@@ -1,5 +1,5 @@
 """Sharded and replicated parameters, for real: 2 processes on gloo (CPU), launched with
-`torch.multiprocessing.spawn`.
+`torch.multiprocessing.start_processes` from a forkserver (`helpers.spawn_ranks`).
 
 Every run applies the same known edits at the same *global* positions as a single-process run (through the
 frameworks' own APIs: `DTensor.full_tensor` + `distribute_tensor` for FSDP2, `summon_full_params` for

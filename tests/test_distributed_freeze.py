@@ -1,4 +1,4 @@
-"""Freezing sharded training, for real: 2 processes on gloo (CPU), launched with `torch.multiprocessing.spawn`.
+"""Freezing sharded training, for real: 2 processes on gloo (CPU), launched by `helpers.spawn_ranks`.
 
 FSDP2 (``fully_shard``, uneven ``Shard(0)``), FSDP1 ``use_orig_params=True`` and DeepSpeed ZeRO-3 (its runs are
 in test_deepspeed, with the other ZeRO-3 case, in one DeepSpeed group) train a tiny Llama with a `MaskFreezer`

@@ -33,7 +33,7 @@ DIST_TIMEOUT_S = 120
 
 
 # --- a tiny LightningModule ------------------------------------------------------------------------
-pytestmark = pytest.mark.slow  # real Lightning fits, subprocesses and an MLflow server
+pytestmark = pytest.mark.slow  # real Lightning fits, new processes and an MLflow server
 
 
 class LitLM(pl.LightningModule):
