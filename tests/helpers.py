@@ -90,6 +90,18 @@ def new_process(target, *args, env: dict[str, str] | None = None, cwd=None, log=
     return process
 
 
+def run_in_new_process(target, *args, timeout: float, **options) -> int:
+    """`new_process` (``options``: its ``env``, ``cwd``, ``log``) waited for: its exit code. Raises
+    `TimeoutError` (after killing it) when it still runs after ``timeout`` seconds."""
+    process = new_process(target, *args, **options)
+    process.join(timeout)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        raise TimeoutError(f"{target.__name__} still ran after {timeout} s; killed")
+    return process.exitcode
+
+
 def spawn_ranks(worker, args: tuple, nprocs: int, attempts: int = 3) -> None:
     """``worker(rank, port, *args)`` in ``nprocs`` new processes (`torch.multiprocessing.start_processes`, forked
     from the forkserver of `new_process`), with a free loopback ``port`` for the process group; started again

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
-from helpers import free_ports, new_process, tiny_llama  # noqa: E402
+from helpers import free_ports, new_process, run_in_new_process, tiny_llama  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger  # noqa: E402
 
@@ -516,18 +516,10 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(tmp_path, mlflow_
 
     ckpt_dir = tmp_path / "ckpt"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local}
-    killed = new_process(
-        _killed_fit,
-        mlflow_local,
-        str(ckpt_dir),
-        str(tmp_path),
-        with_logger,
-        env=env,
-        cwd=tmp_path,
-        log=tmp_path / "killed.log",
-    )
-    killed.join(600)
-    assert killed.exitcode == -9, (tmp_path / "killed.log").read_text()[-2000:]
+    log = tmp_path / "killed.log"
+    arguments = (mlflow_local, str(ckpt_dir), str(tmp_path), with_logger)
+    code = run_in_new_process(_killed_fit, *arguments, timeout=600, env=env, cwd=tmp_path, log=log)
+    assert code == -9, log.read_text()[-2000:]
     client = MlflowClient(mlflow_local)
     experiments = [e.experiment_id for e in client.search_experiments()]
     (crashed,) = client.search_runs(experiments)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import new_process, tiny_gpt2, tiny_llama  # noqa: E402
+from helpers import run_in_new_process, tiny_gpt2, tiny_llama  # noqa: E402
 
 from sparsity_callbacks import Mask, SparsityConfig, SparsityTracker  # noqa: E402
 from sparsity_callbacks.metrics import _SparsityCounts  # noqa: E402
@@ -349,9 +349,8 @@ def test_state_round_trip_in_a_fresh_process_continues_the_ever_changed_mask(tmp
     tracker.save(tmp_path / "sparsity_tracker.safetensors")
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, tmp_path / "model.safetensors")
 
-    continued = new_process(_continue_from_saved_state, str(tmp_path))
-    continued.join(300)
-    assert continued.exitcode == 0
+    log = tmp_path / "continued.log"
+    assert run_in_new_process(_continue_from_saved_state, str(tmp_path), timeout=300, log=log) == 0, log.read_text()
     out = (tmp_path / "out.txt").read_text().split()
     assert out == ["5", "5", "2"]
     ever = Mask.load(tmp_path / "after.safetensors")

@@ -20,7 +20,7 @@ pytest.importorskip("mlflow")
 
 import mlflow  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from helpers import new_process, tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import run_in_new_process, tiny_llama, tiny_tokenizer  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -689,9 +689,9 @@ def test_resume_after_sigkill_continues_in_the_same_mlflow_run(mlflow_local, tmp
 
     out = tmp_path / "out"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_local}
-    killed = new_process(_killed_training, str(out), report_to, env=env, cwd=tmp_path, log=tmp_path / "killed.log")
-    killed.join(600)
-    assert killed.exitcode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    log = tmp_path / "killed.log"
+    code = run_in_new_process(_killed_training, str(out), report_to, timeout=600, env=env, cwd=tmp_path, log=log)
+    assert code == -signal.SIGKILL, log.read_text()[-2000:]
     client = MlflowClient(mlflow_local)
     (crashed,) = _all_runs(client)
     assert crashed.info.status == "RUNNING"  # nobody finished it
