@@ -33,7 +33,8 @@ def free_port() -> int:
 
 #: What every new process of `new_process` and `spawn_ranks` finds already imported. They are forked from a
 #: forkserver that imports these once per test process (~9 s on 2 cores); a new Python process would spend
-#: 5-10 s importing them every time, and the suite starts fifteen such processes.
+#: 5-10 s importing them every time, and the suite starts fifteen such processes. One that is not installed (an
+#: extra left out) is skipped by the forkserver and imported, or not, by the process that needs it.
 _PRELOADED = (
     "torch",
     "torch.distributed",
