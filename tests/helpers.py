@@ -110,7 +110,7 @@ def spawn_ranks(worker, args: tuple, nprocs: int, attempts: int = 3) -> None:
     `free_port` and rank 0's ``listen``; the other ranks are stopped at the first failure)."""
     import torch.multiprocessing
 
-    _forkserver()
+    _forkserver()  # its preload list, set before start_processes starts the forkserver
     ranked = functools.partial(_as_new_process, dict(os.environ), os.getcwd(), None, worker)
     for attempt in range(attempts):
         try:
